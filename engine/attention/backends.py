@@ -1,0 +1,104 @@
+"""Attention backends behind one seam, and the registry that picks one by name.
+
+Every backend computes, for q (B, H, N, d) and k, v (B, H, M, d):
+  plain(q, k, v, scale)                      softmax(q k^T * scale) v
+  cross(q, k, v, weight, coef, scale)        SPEC 3 rectified attention, weight (B, N, M) float32,
+                                             coef (B,) float32; weight <= -1e4 with coef > 0 is a
+                                             hard mask (probability exactly 0).
+`reference` is SPEC 3 written literally (materialised fp32 scores); every other backend is tested
+against it. Other backends register themselves here; the sampler never branches on names.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import Cones2Error
+from .stats import logit_std
+
+HARD_MASK = -1e4
+
+
+class ReferenceBackend:
+    """Plain PyTorch, literally SPEC 3: scores materialised in fp32, torch.std over the sample."""
+
+    name = "reference"
+
+    def plain(self, q, k, v, scale):
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+        return (probs @ v.float()).to(q.dtype)
+
+    def cross(self, q, k, v, weight, coef, scale):
+        scores = q.float() @ k.float().transpose(-1, -2)                       # (B, H, N, M)
+        sd = scores.flatten(1).std(dim=1)                                       # (B,)
+        rectified = scores + coef[:, None, None, None] * weight[:, None] * sd[:, None, None, None]
+        logits = rectified * scale
+        hard = (weight[:, None] <= HARD_MASK) & (coef[:, None, None, None] > 0)
+        logits = logits.masked_fill(hard, float("-inf"))
+        return (torch.softmax(logits, dim=-1) @ v.float()).to(q.dtype)
+
+
+class SdpaBackend:
+    """torch SDPA; the rectification folded into a float additive mask (B, 1, N, M).
+
+    softmax((S + c W sd) * scale) = softmax(S * scale + c sd scale W): the bias is per sample and
+    shared by all heads, and the std comes from the closed form in `stats`, so no score matrix
+    is materialised outside SDPA itself.
+    """
+
+    name = "sdpa"
+
+    def plain(self, q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def cross(self, q, k, v, weight, coef, scale):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=rectification_bias(q, k, weight, coef, scale), scale=scale)
+
+
+def rectification_bias(q, k, weight, coef, scale) -> torch.Tensor:
+    """Additive logit bias (B, 1, N, M) in q's dtype: coef * sd * scale * W, -inf on hard masks."""
+    sd = logit_std(q, k)
+    factor = (coef * sd * scale)[:, None, None]
+    bias = factor * weight
+    bias = bias.masked_fill((weight <= HARD_MASK) & (coef[:, None, None] > 0), float("-inf"))
+    return bias[:, None].to(q.dtype)
+
+
+_FACTORIES: dict[str, Callable[[], object]] = {
+    "reference": ReferenceBackend,
+    "sdpa": SdpaBackend,
+}
+# Backends that live in optional modules, imported on first use: name -> "module:attribute".
+_LAZY: dict[str, str] = {
+    "triton": "cones2.attention.triton_backend:TritonBackend",
+}
+_INSTANCES: dict[str, object] = {}
+
+
+def register_backend(name: str, factory: Callable[[], object]) -> None:
+    """Make `factory()` available as backend `name`."""
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def attention_backend_names() -> list[str]:
+    return sorted(set(_FACTORIES) | set(_LAZY))
+
+
+def get_backend(name: str) -> object:
+    """The backend called `name`; a Cones2Error says why when it cannot run here."""
+    if name in _INSTANCES:
+        return _INSTANCES[name]
+    if name not in _FACTORIES and name in _LAZY:
+        module, attr = _LAZY[name].split(":")
+        try:
+            _FACTORIES[name] = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise Cones2Error(f"attention backend {name!r} is not available here: {exc}", "backend") from None
+    if name not in _FACTORIES:
+        raise Cones2Error(f"unknown attention backend {name!r}; choose from {', '.join(attention_backend_names())}", "backend")
+    _INSTANCES[name] = _FACTORIES[name]()
+    return _INSTANCES[name]

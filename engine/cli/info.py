@@ -1,0 +1,41 @@
+"""`cones2-engine info`: what a checkpoint (and optionally a residual) is, and what can run here."""
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="describe a model, a residual and the available backends")
+    p.add_argument("--model", help="diffusers-layout SD checkpoint dir or hub id (default: the embedded model)")
+    p.add_argument("--residual", action="append", default=[], help="residual file to describe; repeatable")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import __version__
+    from ..engine import Engine
+    from ..residual import Residual
+    from ..runners import backend_names
+
+    engine = Engine.from_pretrained(args.model)
+    size = engine.default_resolution
+    facts = {
+        "version": __version__, "model": engine.components.source, "model_id": engine.components.model_id,
+        "text_dim": engine.text_dim, "prediction_type": engine.prediction_type, "default_resolution": size,
+        "attention_levels": [f"{h}x{w}" for h, w in engine.level_shapes(size, size)],
+        "backends": backend_names(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
+        "residuals": {},
+    }
+    for path in args.residual:
+        r = Residual.load(path, "--residual")
+        facts["residuals"][path] = {"rows": r.rows, "dim": r.dim, "word": r.word, "token_ids": r.token_ids,
+                                    "base_model": r.base_model, "fits_model": r.dim == engine.text_dim, **r.metadata}
+    if args.json:
+        print(json.dumps(facts, indent=2, default=str))
+    else:
+        for k, v in facts.items():
+            print(f"{k:20s} {v}")
+    return 0

@@ -1,0 +1,315 @@
+"""`Engine`: the API services embed. Checkpoint + residuals + layout -> image.
+
+Data flows one way: prompt -> embeddings (+ residuals) -> layout maps -> sampler -> UNet runner
+(attention backend) -> latents -> image. `generate` does one request; `generate_batch` runs several
+compatible requests through one sampling loop (cross-request batching for the server).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import SamplingConfig
+from .embeddings import add_residuals, encode_prompts
+from .errors import Cones2Error
+from .image import decode_latents
+from .layout import Layout
+from .loading import Components, load_components, parse_device, parse_dtype
+from .residual import Residual
+from .runners import make_runner
+from .sampler import BatchInputs, NoiseStream, sample
+from .schedule import EulerSchedule, guidance_log_terms
+from .tokens import SEQ_LEN, SubjectTokens, locate_subject, prompt_token_ids
+
+MAX_SUBJECTS = 8
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request. subjects: word in the prompt -> Residual. subject_positions: optional
+    explicit token positions per subject (where its residual rows start; the reference's
+    `subject_list`). layout: where subjects go, or None for no layout guidance."""
+
+    prompt: str
+    subjects: Mapping[str, Residual] = field(default_factory=dict)
+    layout: Layout | None = None
+    config: SamplingConfig = field(default_factory=SamplingConfig)
+    subject_positions: Mapping[str, list[int]] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise Cones2Error("must be a non-empty string", "prompt")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise Cones2Error(f"is longer than {MAX_PROMPT_CHARS} characters", "prompt")
+        names = set(self.subjects) | set(self.layout.names if self.layout else ())
+        if len(names) > MAX_SUBJECTS:
+            raise Cones2Error(f"{len(names)} subjects; at most {MAX_SUBJECTS} per image", "subjects")
+        for name, residual in self.subjects.items():
+            if not isinstance(residual, Residual):
+                raise Cones2Error(f"must be a cones2.Residual, got {type(residual).__name__}", f"subjects.{name}")
+        for name in self.subject_positions or {}:
+            if name not in self.subjects:
+                raise Cones2Error(f"positions given for {name!r}, which has no residual", "subject_positions")
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one sampling loop."""
+        c = self.config
+        return (c.height, c.width, c.steps, c.guidance_steps, c.mode)
+
+
+@dataclass
+class Generation:
+    """The result of one request: the image, the final latents (1, 4, h, w) and the conditional
+    embeddings (1, 77, D) (CPU, float32), and the stage timings in seconds."""
+
+    image: Image.Image
+    latents: torch.Tensor
+    cond_embeddings: torch.Tensor
+    request: GenerationRequest
+    timings: dict[str, float]
+    subject_tokens: list[SubjectTokens]
+
+    @property
+    def seed(self) -> int:
+        return self.request.config.seed
+
+    def parameters(self) -> dict:
+        """What produced this image, for PNG metadata and logs."""
+        c = self.request.config
+        return {"prompt": self.request.prompt, "seed": c.seed, "steps": c.steps, "guidance_steps": c.guidance_steps,
+                "guidance_weight": c.guidance_weight, "cfg_scale": c.cfg_scale, "negative_weight": c.negative_weight,
+                "height": c.height, "width": c.width, "mode": c.mode,
+                "subjects": {t.name: list(t.residual_starts) for t in self.subject_tokens if t.name in self.request.subjects},
+                "layout": repr(self.request.layout) if self.request.layout else None}
+
+
+@dataclass
+class _Prepared:
+    cond: torch.Tensor                   # (77, D)
+    uncond: torch.Tensor                 # (77, D)
+    weights: dict[int, torch.Tensor] | None
+    tokens: list[SubjectTokens]
+
+
+class Engine:
+    """A loaded checkpoint ready to generate.
+
+    Build with `Engine.from_pretrained`. `backend` picks how the UNet runs: an attention backend
+    of the PyTorch UNet (`reference`, `sdpa`, `triton`) or a compiled runner (`onnxruntime`,
+    `tensorrt`); `backend_options` go to compiled runners (e.g. `onnx_dir`).
+    """
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
+                 backend: str = "sdpa", backend_options: dict | None = None):
+        from .attention import Cones2AttnProcessor
+
+        self.components = components
+        self.device, self.dtype = device, dtype
+        self.unet.set_attn_processor(Cones2AttnProcessor())
+        self._runners: dict[str, object] = {}
+        self.default_backend = backend
+        self._runners[backend] = make_runner(backend, self, **(backend_options or {}))
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "fp32", backend: str | None = None,
+                        backend_options: dict | None = None) -> "Engine":
+        """Load a diffusers-layout SD checkpoint (local dir or hub id); None = the embedded default model."""
+        from .default_model import default_model_dir
+
+        dev = parse_device(device)
+        dt = parse_dtype(dtype, dev)
+        if backend is None:
+            backend = "triton" if dev.type == "cuda" and _triton_importable() else "sdpa"
+        components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt)
+        return cls(components, dev, dt, backend, backend_options)
+
+    # ---- model facts -----------------------------------------------------------------------------
+    tokenizer = property(lambda self: self.components.tokenizer)
+    text_encoder = property(lambda self: self.components.text_encoder)
+    unet = property(lambda self: self.components.unet)
+    vae = property(lambda self: self.components.vae)
+
+    @property
+    def text_dim(self) -> int:
+        """D, the width of the text encoder's output (1024 for SD 2.x, 768 for SD 1.x)."""
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def prediction_type(self) -> str:
+        return self.components.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        """The resolution the UNet was trained at (768 for SD 2.1, 512 for SD 1.x)."""
+        return self.unet.config.sample_size * self.vae_scale
+
+    def level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(h, w) of every attention resolution for an output of height x width pixels."""
+        h, w = height // self.vae_scale, width // self.vae_scale
+        shapes = []
+        for _ in self.unet.config.block_out_channels:
+            shapes.append((h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return shapes
+
+    def runner(self, backend: str | None = None, **options):
+        """The UNet runner for `backend` (built once, then reused)."""
+        name = backend or self.default_backend
+        if name not in self._runners or options:
+            self._runners[name] = make_runner(name, self, **options)
+        return self._runners[name]
+
+    # ---- the pipeline ---------------------------------------------------------------------------
+    def request(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
+                subject_positions: Mapping[str, list[int]] | None = None, height: int | None = None,
+                width: int | None = None, **settings) -> GenerationRequest:
+        """Build a validated request; `settings` are SamplingConfig fields (steps, seed, ...)."""
+        size = self.default_resolution
+        config = SamplingConfig(height=height or size, width=width or size, **settings)
+        return GenerationRequest(prompt, dict(subjects or {}), layout, config, subject_positions)
+
+    def generate(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
+                 seed: int = 0, steps: int = 50, guidance_steps: int | None = None, guidance_weight: float = 0.08,
+                 cfg_scale: float = 7.5, negative_weight: float = -1e8, height: int | None = None,
+                 width: int | None = None, mode: str = "paper-exact", backend: str | None = None,
+                 subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
+                 on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        """Generate one image (SPEC 2-4). Returns a `Generation` (image, latents, embeddings, timings).
+
+        subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
+        subject words. guidance_steps: None = all steps. mode: "paper-exact" or "fast".
+        on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
+        """
+        req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
+                           seed=seed, steps=steps, guidance_steps=guidance_steps, guidance_weight=guidance_weight,
+                           cfg_scale=cfg_scale, negative_weight=negative_weight, mode=mode)
+        return self.generate_batch([req], backend=backend, progress=progress, on_step=on_step,
+                                   should_stop=should_stop)[0]
+
+    def generate_batch(self, requests: list[GenerationRequest], *, backend: str | None = None, progress: bool = True,
+                       on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> list[Generation]:
+        """Run compatible requests (same size, steps, guidance steps and mode) in one sampling loop;
+        each result equals what `generate` gives for that request alone (per-sample std and noise)."""
+        if not requests:
+            return []
+        if len({r.batch_key() for r in requests}) != 1:
+            raise Cones2Error("requests in one batch must share height, width, steps, guidance_steps and mode",
+                              "requests")
+        runner = self.runner(backend)
+        c0 = requests[0].config
+        timings: dict[str, float] = {}
+        clock = _Clock(self.device, timings)
+
+        with clock("prepare"):
+            prepared = [self._prepare(r) for r in requests]
+        with clock("schedule"):
+            sched = self.components.scheduler_config
+            schedule = EulerSchedule.make(c0.steps, sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
+                                          sched.get("beta_schedule", "scaled_linear"),
+                                          sched.get("num_train_timesteps", 1000))
+            log_terms = guidance_log_terms(c0.guidance_steps)
+            inputs = self._batch_inputs(requests, prepared)
+        with clock("sampling"):
+            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, progress=progress,
+                             on_step=on_step, should_stop=should_stop)
+        with clock("decode"):
+            pixels = self.decode(latents)
+        timings["total"] = sum(timings.values())
+        return [Generation(Image.fromarray(pixels[i]), latents[i : i + 1].cpu(), p.cond[None].float().cpu(), r,
+                           dict(timings), p.tokens) for i, (r, p) in enumerate(zip(requests, prepared))]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Final latents (R, 4, h, w) -> uint8 images (R, H, W, 3)."""
+        return decode_latents(self.vae, latents)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """E(p) for each prompt, (B, 77, D) in the model dtype."""
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+
+    def _prepare(self, req: GenerationRequest) -> _Prepared:
+        """Embeddings with residuals composed in, and the per-level weight maps, for one request."""
+        ids = prompt_token_ids(self.tokenizer, req.prompt)
+        explicit = req.subject_positions or {}
+        tokens = {}
+        for name, residual in req.subjects.items():
+            residual.check_dim(self.text_dim, f"subjects.{name}")
+            t = locate_subject(self.tokenizer, ids, name, explicit.get(name))
+            if name not in explicit and residual.rows > len(t.token_ids):
+                raise Cones2Error(f"residual has {residual.rows} rows but {name!r} has {len(t.token_ids)} tokens",
+                                  f"subjects.{name}")
+            tokens[name] = t
+        for name in req.layout.names if req.layout else ():
+            if name not in tokens:
+                tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout")
+        cond, uncond = self.encode([req.prompt, ""])
+        cond = add_residuals(cond, [(tokens[n], r) for n, r in req.subjects.items()])
+        weights = None
+        if req.layout is not None:
+            c = req.config
+            weights = req.layout.weight_maps({n: t.word_positions for n, t in tokens.items()}, c.height, c.width,
+                                             self.level_shapes(c.height, c.width), c.negative_weight, SEQ_LEN,
+                                             self.device)
+        return _Prepared(cond, uncond, weights, list(tokens.values()))
+
+    def _batch_inputs(self, requests: list[GenerationRequest], prepared: list[_Prepared]) -> BatchInputs:
+        c0 = requests[0].config
+        shape = (1, self.unet.config.in_channels, c0.height // self.vae_scale, c0.width // self.vae_scale)
+        weights = None
+        if any(p.weights is not None for p in prepared):
+            levels = [h * w for h, w in self.level_shapes(c0.height, c0.width)]
+            weights = {n: torch.stack([p.weights[n] if p.weights is not None
+                                       else torch.zeros(n, SEQ_LEN, device=self.device) for p in prepared])
+                       for n in levels}
+        guidance = [r.config.guidance_weight if p.weights is not None else 0.0 for r, p in zip(requests, prepared)]
+        return BatchInputs(
+            cond=torch.stack([p.cond for p in prepared]), uncond=torch.stack([p.uncond for p in prepared]),
+            weights=weights,
+            guidance_weight=torch.tensor(guidance, dtype=torch.float32, device=self.device),
+            cfg_scale=torch.tensor([r.config.cfg_scale for r in requests], dtype=torch.float32, device=self.device),
+            noise=[NoiseStream(r.config.seed, shape, self.device, r.config.mode == "paper-exact") for r in requests],
+        )
+
+
+class _Clock:
+    """Stage timer: `with clock("stage"):` adds wall seconds to timings[stage] (syncs CUDA at the edges only)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float]):
+        self.device, self.timings = device, timings
+
+    def __call__(self, stage: str):
+        self.stage = stage
+        return self
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

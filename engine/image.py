@@ -1,0 +1,51 @@
+"""Latents -> pixels, PNG metadata, and the layout preview drawn over an image."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+PREVIEW_COLORS = [(255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 64, 255),
+                  (0, 220, 220), (255, 128, 0), (160, 160, 160)]
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """vae.decode(x / scaling_factor), [-1, 1] -> uint8 (R, H, W, 3) (SPEC 4)."""
+    scaled = (latents / vae.config.scaling_factor).to(vae.device, vae.dtype)
+    pixels = vae.decode(scaled, return_dict=False)[0].float()
+    pixels = (pixels / 2 + 0.5).clamp(0, 1)
+    return (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def png_info(parameters: dict) -> PngInfo:
+    """PNG text chunks: `parameters` as JSON plus the prompt on its own, for image viewers."""
+    info = PngInfo()
+    info.add_text("cones2", json.dumps(parameters, sort_keys=True))
+    if "prompt" in parameters:
+        info.add_text("prompt", str(parameters["prompt"]))
+    return info
+
+
+def draw_layout(image: Image.Image, masks: dict[str, torch.Tensor]) -> Image.Image:
+    """The image with each subject's region outlined and tinted in its own colour, labelled."""
+    base = image.convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    for idx, (name, mask) in enumerate(masks.items()):
+        color = PREVIEW_COLORS[idx % len(PREVIEW_COLORS)]
+        m = mask.numpy()
+        if m.shape != (base.height, base.width):
+            m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(base.size, Image.NEAREST)) > 0
+        tint = np.zeros((*m.shape, 4), dtype=np.uint8)
+        tint[m] = (*color, 60)
+        overlay = Image.alpha_composite(overlay, Image.fromarray(tint, "RGBA"))
+        draw = ImageDraw.Draw(overlay)
+        ys, xs = np.nonzero(m)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+        draw.rectangle(box, outline=(*color, 255), width=max(1, base.width // 128))
+        draw.text((box[0] + 2, box[1] + 1), name, fill=(*color, 255))
+    return Image.alpha_composite(base, overlay).convert("RGB")

@@ -1,0 +1,231 @@
+"""Layouts: where each subject goes, and the per-level attention weight maps (SPEC section 3).
+
+A layout is a region mask plus a strength w+ per subject, built from boxes, binary masks or a
+flat-colour image with a colour -> (subject, strength) table. `weight_maps` turns it into
+W[pixel, token] for every attention resolution, exactly as the SPEC says: each subject's
+{w+ inside, w- outside} map at the output image's size, resized *directly* to each level
+(bilinear, aligned corners), flattened row-major, added at the subject's token positions.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import Cones2Error
+
+DEFAULT_STRENGTH = 2.5
+
+
+@dataclass(frozen=True)
+class Region:
+    """One subject's region: a normalised box (x0, y0, x1, y1), a pixel box, or a bool mask (H, W)."""
+
+    strength: float
+    box: tuple[float, float, float, float] | None = None
+    pixel_box: tuple[int, int, int, int] | None = None
+    mask: torch.Tensor | None = None
+
+    def raster(self, height: int, width: int, field: str) -> torch.Tensor:
+        """The region as a bool mask (height, width) at the output image size."""
+        if self.mask is not None:
+            m = self.mask
+            if tuple(m.shape) != (height, width):  # nearest keeps a binary mask binary
+                m = F.interpolate(m[None, None].float(), size=(height, width), mode="nearest")[0, 0] > 0.5
+        else:
+            if self.box is not None:
+                x0, y0, x1, y1 = self.box
+                c0, r0, c1, r1 = (round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height))
+            else:
+                c0, r0, c1, r1 = self.pixel_box
+                if c1 > width or r1 > height:
+                    raise Cones2Error(f"pixel box {self.pixel_box} lies outside the {width}x{height} image", field)
+            m = torch.zeros(height, width, dtype=torch.bool)
+            m[r0:r1, c0:c1] = True
+        if not m.any():
+            raise Cones2Error(f"region is empty at {width}x{height}", field)
+        return m
+
+
+class Layout:
+    """Subject name -> Region. Build with `from_boxes`, `from_masks` or `from_color_map`."""
+
+    def __init__(self, regions: Mapping[str, Region]):
+        if not regions:
+            raise Cones2Error("needs at least one subject region", "layout")
+        self.regions = dict(regions)
+
+    def __repr__(self) -> str:
+        return f"Layout({', '.join(f'{n}@{r.strength:g}' for n, r in self.regions.items())})"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.regions)
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_boxes(cls, boxes: Mapping[str, Sequence[float]], strengths: float | Mapping[str, float] = DEFAULT_STRENGTH,
+                   units: str = "normalized") -> "Layout":
+        """Boxes (x0, y0, x1, y1) per subject, in [0, 1] (`units="normalized"`) or output pixels."""
+        if units not in ("normalized", "pixels"):
+            raise Cones2Error(f"must be 'normalized' or 'pixels', got {units!r}", "layout.units")
+        regions = {}
+        for name, box in boxes.items():
+            field = f"layout.boxes.{name}"
+            try:
+                vals = [float(v) for v in box]
+            except (TypeError, ValueError):
+                raise Cones2Error(f"must be 4 numbers x0,y0,x1,y1, got {box!r}", field) from None
+            if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
+                raise Cones2Error(f"must be 4 finite numbers x0,y0,x1,y1, got {box!r}", field)
+            x0, y0, x1, y1 = vals
+            if not (x0 < x1 and y0 < y1):
+                raise Cones2Error(f"is inverted or empty (need x0 < x1 and y0 < y1), got {vals}", field)
+            strength = _strength(strengths, name)
+            if units == "normalized":
+                if min(vals) < 0 or max(vals) > 1:
+                    raise Cones2Error(f"normalised coordinates must lie in [0, 1], got {vals}", field)
+                regions[name] = Region(strength, box=(x0, y0, x1, y1))
+            else:
+                if min(vals) < 0 or any(v != int(v) for v in vals):
+                    raise Cones2Error(f"pixel coordinates must be non-negative integers, got {vals}", field)
+                regions[name] = Region(strength, pixel_box=tuple(int(v) for v in vals))
+        return cls(regions)
+
+    @classmethod
+    def from_masks(cls, masks: Mapping[str, object], strengths: float | Mapping[str, float] = DEFAULT_STRENGTH) -> "Layout":
+        """Binary masks (H, W) per subject: numpy/torch arrays or PIL images (non-zero = inside)."""
+        regions = {}
+        for name, mask in masks.items():
+            field = f"layout.masks.{name}"
+            arr = np.asarray(mask)
+            if arr.ndim == 3:
+                arr = arr.any(axis=-1)
+            if arr.ndim != 2 or arr.size == 0:
+                raise Cones2Error(f"must be a 2-D mask, got shape {arr.shape}", field)
+            m = torch.from_numpy(arr.astype(bool))
+            if not m.any():
+                raise Cones2Error("mask is empty", field)
+            regions[name] = Region(_strength(strengths, name), mask=m)
+        return cls(regions)
+
+    @classmethod
+    def from_color_map(cls, image, table: Mapping[object, Sequence]) -> "Layout":
+        """A flat-colour image (path, PIL image or (H, W, 3) uint8 array) and a table
+        colour -> (subject, strength); colours as (r, g, b), "r,g,b" or "#rrggbb".
+        Pixels match a colour exactly (the reference's rule); every colour must be present."""
+        arr = _load_rgb(image)
+        masks: dict[str, torch.Tensor] = {}
+        strengths: dict[str, float] = {}
+        for key, entry in table.items():
+            rgb = parse_color(key)
+            field = f"layout.colors.{key}"
+            try:
+                name, strength = entry
+            except (TypeError, ValueError):
+                raise Cones2Error(f"must map to [subject, strength], got {entry!r}", field) from None
+            strength = _strength(strength, name, field)
+            m = torch.from_numpy((arr == np.array(rgb, dtype=np.uint8)).all(axis=-1))
+            if not m.any():
+                raise Cones2Error(f"colour {rgb} does not occur in the layout image", field)
+            if name in masks:
+                if strengths[name] != strength:
+                    raise Cones2Error(f"subject {name!r} has two colours with different strengths", field)
+                m = m | masks[name]
+            masks[str(name)], strengths[str(name)] = m, strength
+        return cls({n: Region(strengths[n], mask=m) for n, m in masks.items()})
+
+    # ---- rasterising ---------------------------------------------------------------------------
+    def masks(self, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Each subject's region as a bool mask (height, width)."""
+        return {n: r.raster(height, width, f"layout.{n}") for n, r in self.regions.items()}
+
+    def weight_maps(self, subject_positions: Mapping[str, Sequence[int]], height: int, width: int,
+                    level_shapes: Sequence[tuple[int, int]], negative_weight: float, seq_len: int = 77,
+                    device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+        """W (h*w, seq_len) float32 for each level (h, w), keyed by h*w (SPEC 3).
+
+        subject_positions: every token position of every occurrence of each subject's word.
+        Tokens of no subject get 0; coinciding subjects' maps add.
+        """
+        full = []
+        columns = []
+        for name, region in self.regions.items():
+            positions = list(subject_positions.get(name, ()))
+            if not positions:
+                raise Cones2Error(f"layout subject {name!r} does not occur in the prompt", f"layout.{name}")
+            inside = region.raster(height, width, f"layout.{name}")
+            full.append(torch.where(inside, region.strength, negative_weight).to(torch.float32))
+            col = torch.zeros(seq_len, dtype=torch.float32)
+            col[positions] = 1.0
+            columns.append(col)
+        full_maps = torch.stack(full)[None].to(device)              # (1, J, H, W)
+        token_table = torch.stack(columns).to(device)               # (J, seq_len), 0/1
+        maps = {}
+        for h, w in level_shapes:
+            level = F.interpolate(full_maps, size=(h, w), mode="bilinear", align_corners=True)[0]
+            per_subject = level.reshape(len(full), h * w).T          # (h*w, J)
+            # Sum of per-subject maps at their tokens; each column holds a 0/1 pattern, so the
+            # product is exact and only coinciding tokens add.
+            maps[h * w] = _exact_scatter(per_subject, token_table)
+        return maps
+
+
+def _exact_scatter(per_subject: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+    """sum_j per_subject[:, j, None] * token_table[j] without matmul reassociation or TF32."""
+    out = torch.zeros(per_subject.shape[0], token_table.shape[1], dtype=torch.float32, device=per_subject.device)
+    for j in range(token_table.shape[0]):
+        cols = token_table[j].nonzero().flatten()
+        out[:, cols] += per_subject[:, j : j + 1]
+    return out
+
+
+def parse_color(key) -> tuple[int, int, int]:
+    """(r, g, b) from a tuple, "r,g,b" or "#rrggbb"."""
+    try:
+        if isinstance(key, str):
+            key = key.strip()
+            if key.startswith("#") and len(key) == 7:
+                rgb = tuple(int(key[i : i + 2], 16) for i in (1, 3, 5))
+            else:
+                rgb = tuple(int(v) for v in key.split(","))
+        else:
+            rgb = tuple(int(v) for v in key)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise Cones2Error(f"colour must be 'r,g,b' with 0..255 values or '#rrggbb', got {key!r}", "layout.colors")
+    return rgb
+
+
+def _strength(strengths, name: str, field: str | None = None) -> float:
+    value = strengths.get(name, DEFAULT_STRENGTH) if isinstance(strengths, Mapping) else strengths
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise Cones2Error(f"strength must be a number, got {value!r}", field or f"layout.strengths.{name}") from None
+    if not math.isfinite(value):
+        raise Cones2Error(f"strength must be finite, got {value}", field or f"layout.strengths.{name}")
+    return value
+
+
+def _load_rgb(image) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise Cones2Error(f"cannot read layout image {image}: {exc}", "layout.image") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] < 3 or arr.dtype != np.uint8:
+        raise Cones2Error(f"must be an (H, W, 3) uint8 RGB image, got {arr.shape} {arr.dtype}", "layout.image")
+    return arr[..., :3]

@@ -1,0 +1,100 @@
+"""The layout-guided Euler sampler with self-recurrence (SPEC section 4).
+
+One loop for a batch of R requests that share resolution, step count and guidance steps. Both CFG
+branches run as one UNet call of batch 2R: [cond_1..cond_R, uncond_1..uncond_R]. Everything that
+does not change per step (embeddings, weight maps, coefficients, timesteps) is prepared before the
+loop, which holds no host syncs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import Rectification
+from .errors import GenerationCancelled
+from .schedule import EulerSchedule
+
+
+class NoiseStream:
+    """Gaussian noise for one request in SPEC 4's order: the initial latents, then one draw per
+    self-recurrence. `paper-exact` draws from a CPU generator seeded like `torch.manual_seed(seed)`;
+    `fast` draws from a generator on the device."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device, exact_cpu: bool):
+        gen_device = torch.device("cpu") if exact_cpu else torch.device(device)
+        self.generator = torch.Generator(device=gen_device).manual_seed(seed)
+        self.shape, self.gen_device, self.device = shape, gen_device, torch.device(device)
+
+    def next(self) -> torch.Tensor:
+        noise = torch.randn(self.shape, generator=self.generator, device=self.gen_device, dtype=torch.float32)
+        return noise.to(self.device)
+
+
+@dataclass
+class BatchInputs:
+    """Per-request tensors stacked over the batch (R requests).
+
+    cond/uncond: (R, 77, D) in the model dtype. weights: query count N -> (R, N, 77) float32, or
+    None when no request has a layout. guidance_weight, cfg_scale: (R,) float32.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    weights: dict[int, torch.Tensor] | None
+    guidance_weight: torch.Tensor
+    cfg_scale: torch.Tensor
+    noise: list[NoiseStream]
+
+
+def sample(runner, inputs: BatchInputs, schedule: EulerSchedule, guidance_log_terms: list[float],
+           prediction_type: str, *, progress: bool = True,
+           on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Run the sampler and return the final latents (R, C, h, w) float32 (before VAE decoding)."""
+    R = inputs.cond.shape[0]
+    device, dtype = inputs.cond.device, inputs.cond.dtype
+    steps, G = len(schedule.timesteps), len(guidance_log_terms)
+    sigmas = schedule.sigmas
+
+    # ---- prepared once ----------------------------------------------------------------------
+    embeddings = torch.cat([inputs.cond, inputs.uncond])
+    timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32, device=device)
+    cfg = inputs.cfg_scale.to(device)[:, None, None, None]
+    rectifications: list[Rectification | None] = [None] * G
+    if inputs.weights is not None and G:
+        weights = {n: torch.cat([w, torch.zeros_like(w)]) for n, w in inputs.weights.items()}
+        logs = torch.tensor(guidance_log_terms, dtype=torch.float32, device=device)            # (G,)
+        coefs = torch.cat([inputs.guidance_weight.to(device)[None] * logs[:, None],
+                           torch.zeros(G, R, device=device)], dim=1)                       # (G, 2R)
+        rectifications = [Rectification(weights, coefs[i]) for i in range(G)]
+    x = torch.cat([n.next() for n in inputs.noise]) * sigmas[0]
+
+    def euler_step(i: int, x: torch.Tensor) -> torch.Tensor:
+        s, s_next = sigmas[i], sigmas[i + 1]
+        xin = (x / math.sqrt(s * s + 1)).to(dtype)
+        pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rectifications[i] if i < G else None).float()
+        e_cond, e_uncond = pred[:R], pred[R:]
+        e = e_uncond + cfg * (e_cond - e_uncond)
+        if prediction_type == "v_prediction":
+            x0 = e * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
+        else:
+            x0 = x - s * e
+        return x + (s_next - s) * (x - x0) / s
+
+    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled(f"stopped before step {i} of {steps}")
+        x = euler_step(i, x)
+        if i < G:  # self-recurrence: re-noise to sigma_i and take step i again
+            renoise = math.sqrt(max(sigmas[i] ** 2 - sigmas[i + 1] ** 2, 0.0))
+            x = x + renoise * torch.cat([n.next() for n in inputs.noise])
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"stopped during step {i} of {steps}")
+            x = euler_step(i, x)
+        if on_step is not None:
+            on_step(i, steps, x)
+    return x

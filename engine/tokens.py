@@ -1,0 +1,78 @@
+"""Where each subject sits in the tokenized prompt (SPEC sections 2 and 3).
+
+A subject word may tokenize to several tokens and occur several times; positions count token 0 as
+the start token, exactly like the reference's `subject_list`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Cones2Error
+
+SEQ_LEN = 77
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The 77 token ids the text encoder sees for `prompt` (start, words, end, padding)."""
+    return tokenizer(prompt, padding="max_length", max_length=SEQ_LEN, truncation=True).input_ids
+
+
+def word_token_ids(tokenizer, word: str, field: str = "subject") -> list[int]:
+    """Token ids of `word` alone, without start/end tokens."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise Cones2Error(f"{word!r} tokenizes to nothing", field)
+    return list(ids)
+
+
+def occurrences(sequence: list[int], pattern: list[int], end: int | None = None) -> list[int]:
+    """Start indices of the occurrences of `pattern` in `sequence[1:end]`, left to right, not overlapping.
+
+    Only the prompt's own tokens are searched: never the start token, the end token or padding.
+    """
+    k, found, i = len(pattern), [], 1
+    end = len(sequence) if end is None else end
+    while i + k <= end:
+        if sequence[i : i + k] == pattern:
+            found.append(i)
+            i += k
+        else:
+            i += 1
+    return found
+
+
+@dataclass(frozen=True)
+class SubjectTokens:
+    """One subject's token positions in a prompt.
+
+    word_positions: every position of every occurrence of the word's full token sequence (these get
+    the layout weight, SPEC 3). residual_starts: where the residual's rows are added (SPEC 2): the
+    start of each occurrence, or the user's explicit positions.
+    """
+
+    name: str
+    token_ids: tuple[int, ...]
+    word_positions: tuple[int, ...]
+    residual_starts: tuple[int, ...]
+
+
+def locate_subject(tokenizer, prompt_ids: list[int], name: str,
+                   explicit: list[int] | None = None, field: str = "subjects") -> SubjectTokens:
+    """Find `name` in the prompt; a subject that is not there is an error that names it."""
+    ids = word_token_ids(tokenizer, name, f"{field}.{name}")
+    end_id = tokenizer.eos_token_id
+    end = prompt_ids.index(end_id, 1) if end_id in prompt_ids[1:] else len(prompt_ids)
+    starts = occurrences(prompt_ids, ids, end)
+    word_positions = tuple(s + j for s in starts for j in range(len(ids)))
+    if explicit is not None:
+        explicit = [int(p) for p in explicit]
+        last = len(prompt_ids) - 1
+        bad = [p for p in explicit if not 1 <= p < last]
+        if not explicit or bad:
+            raise Cones2Error(f"token positions must be in [1, {last - 1}], got {explicit}", f"{field}.{name}.positions")
+        residual_starts = tuple(explicit)
+    elif not starts:
+        raise Cones2Error(f"subject {name!r} does not occur in the prompt", f"{field}.{name}")
+    else:
+        residual_starts = tuple(starts)
+    return SubjectTokens(name, tuple(ids), word_positions, residual_starts)

@@ -1,0 +1,1 @@
+"""Custom kernels (`cones2.kernels`): the fused Triton rectified cross-attention and its CUDA twin."""

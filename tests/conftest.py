@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny SD-shaped models built once per session (v-prediction SD 2.x-like, and
+epsilon SD 1.x-like with another text width), and engines on them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU in tests
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the embedded default model of the test session out of the user's cache."""
+    if "CONES2_CACHE" not in os.environ:
+        os.environ["CONES2_CACHE"] = str(tmp_path_factory.mktemp("cones2-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """v-prediction, D=32, pads with "!" (SD 2.x-like); 128 px default, levels 16/8/4."""
+    from cones2.default_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-v", prediction_type="v_prediction", text_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_eps_model_dir(tmp_path_factory):
+    """epsilon, D=48, pads with the end token (SD 1.x-like)."""
+    from cones2.default_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-eps", prediction_type="epsilon",
+                            text_dim=48, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    import cones2
+
+    return cones2.Engine.from_pretrained(tiny_model_dir, backend="sdpa")
+
+
+@pytest.fixture(scope="session")
+def tiny_eps_engine(tiny_eps_model_dir):
+    import cones2
+
+    return cones2.Engine.from_pretrained(tiny_eps_model_dir, backend="sdpa")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield

@@ -90,6 +90,7 @@ def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_checkpoint(path_or_id)
+    _quiet_loading()
     scheduler_config = json.loads((root / "scheduler/scheduler_config.json").read_text())
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
@@ -111,6 +112,17 @@ def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: 
     for module in (text_encoder, unet, vae):
         module.to(device).eval().requires_grad_(False)
     return Components(tokenizer, text_encoder, unet, vae, scheduler_config, str(root), model_id(root))
+
+
+def _quiet_loading() -> None:
+    """The libraries' weight-loading bars and notices go to stderr, which is reserved for our one-line
+    errors; the engine reports its own progress."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
 
 
 def model_id(root: Path) -> str:

@@ -1,0 +1,69 @@
+"""Residual files: the project's safetensors form, the reference's .pt tensors, and validation."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import cones2
+
+
+def test_safetensors_round_trip(tmp_path):
+    r = cones2.Residual(torch.randn(2, 32), word="teddybear", token_ids=(25758, 4298), base_model="tiny@abc",
+                        metadata={"steps": "10"})
+    path = r.save(tmp_path / "bear.safetensors")
+    back = cones2.Residual.load(path)
+    assert torch.equal(back.embedding, r.embedding)
+    assert (back.word, back.token_ids, back.base_model, back.metadata["steps"]) == ("teddybear", (25758, 4298), "tiny@abc", "10")
+    assert path.stat().st_size < 5 * 1024  # the paper's "about 5 KB per subject" (here D=32)
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (32,)])
+def test_reference_pt_files(tmp_path, shape):
+    t = torch.randn(*shape)
+    torch.save(t, tmp_path / "dog.pt")
+    r = cones2.Residual.load(tmp_path / "dog.pt")
+    assert r.embedding.shape == (1, 32) and torch.equal(r.embedding[0], t.reshape(-1))
+
+
+def test_pt_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(cones2.Cones2Error, match="cannot read evil.pt"):
+        cones2.Residual.load(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("tensor,msg", [
+    (torch.tensor([[float("nan")] * 4]), "NaN"),
+    (torch.ones(2, 3, 4), "shape"),
+    (torch.ones(1, 4, dtype=torch.int64), "floating-point"),
+])
+def test_invalid_tensors(tensor, msg):
+    with pytest.raises(cones2.Cones2Error, match=msg):
+        cones2.Residual(tensor)
+
+
+def test_dimension_must_match_model():
+    with pytest.raises(cones2.Cones2Error, match="D=768 but the model's text encoder has D=1024") as info:
+        cones2.Residual(torch.zeros(1, 768)).check_dim(1024, "subjects.dog")
+    assert info.value.field == "subjects.dog"
+
+
+def test_garbage_files(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(cones2.Cones2Error, match="not a readable safetensors"):
+        cones2.Residual.load(tmp_path / "x.safetensors")
+    with pytest.raises(cones2.Cones2Error, match="file not found"):
+        cones2.Residual.load(tmp_path / "missing.safetensors")
+    (tmp_path / "x.npy").write_bytes(b"")
+    with pytest.raises(cones2.Cones2Error, match="unsupported file type"):
+        cones2.Residual.load(tmp_path / "x.npy")
+
+
+def test_engine_rejects_wrong_width(tiny_engine):
+    with pytest.raises(cones2.Cones2Error, match="D=16"):
+        tiny_engine.generate("a dog", {"dog": cones2.Residual(torch.zeros(1, 16))}, steps=1, height=64, width=64)

@@ -1,0 +1,132 @@
+"""Subject token positions (SPEC 2) and layout weight maps (SPEC 3) against tests/spec_reference.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cones2
+import spec_reference as spec
+from cones2.tokens import locate_subject, prompt_token_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+
+
+@pytest.mark.parametrize("prompt,word", [
+    ("a dog and a teddybear", "teddybear"),          # multi-token word
+    ("a dog chasing another dog", "dog"),             # repeated word
+    ("a teddybear hugging a teddybear", "teddybear"),  # repeated multi-token word
+    ("a sunflower", "sunflower"),
+])
+def test_positions_match_reference(tokenizer, prompt, word):
+    ids = prompt_token_ids(tokenizer, prompt)
+    found = locate_subject(tokenizer, ids, word)
+    assert sorted(found.word_positions) == spec.subject_token_positions(tokenizer, prompt, word)
+    assert list(found.residual_starts) == spec.subject_occurrences(tokenizer, prompt, word)
+
+
+def test_multi_token_word_positions(tokenizer):
+    found = locate_subject(tokenizer, prompt_token_ids(tokenizer, "a teddybear"), "teddybear")
+    assert len(found.token_ids) == 2 and found.word_positions == (2, 3) and found.residual_starts == (2,)
+
+
+def test_missing_subject_is_named(tokenizer):
+    with pytest.raises(cones2.Cones2Error, match="'cat' does not occur"):
+        locate_subject(tokenizer, prompt_token_ids(tokenizer, "a dog"), "cat")
+
+
+def test_padding_never_matches(tokenizer):
+    """SD 2.x pads with "!" (token 0): the word "!" must not match the padding."""
+    with pytest.raises(cones2.Cones2Error):
+        locate_subject(tokenizer, prompt_token_ids(tokenizer, "a dog"), "!")
+
+
+def test_explicit_positions_override(tokenizer):
+    found = locate_subject(tokenizer, prompt_token_ids(tokenizer, "a dog and a dog"), "dog", explicit=[5])
+    assert found.residual_starts == (5,) and found.word_positions == (2, 5)
+    with pytest.raises(cones2.Cones2Error, match="positions"):
+        locate_subject(tokenizer, prompt_token_ids(tokenizer, "a dog"), "dog", explicit=[0])
+
+
+@pytest.mark.parametrize("height,width", [(128, 128), (192, 128), (64, 256)])
+def test_weight_maps_match_reference(tokenizer, height, width):
+    prompt = "a dog and a teddybear next to a dog"
+    boxes = {"dog": (0.1, 0.2, 0.45, 0.9), "teddybear": (0.5, 0.05, 0.97, 0.6)}
+    strengths = {"dog": 2.5, "teddybear": 1.75}
+    layout = cones2.Layout.from_boxes(boxes, strengths)
+    masks = layout.masks(height, width)
+    levels = [(height // 8 >> i, width // 8 >> i) for i in range(3)]
+    ids = prompt_token_ids(tokenizer, prompt)
+    positions = {w: locate_subject(tokenizer, ids, w).word_positions for w in boxes}
+    ours = layout.weight_maps(positions, height, width, levels, -1e8)
+    ref = spec.weight_maps(tokenizer, prompt, {w: (masks[w], strengths[w]) for w in boxes}, -1e8, height, width, levels)
+    for (h, w), expected in ref.items():
+        torch.testing.assert_close(ours[h * w], expected, rtol=0, atol=0)
+
+
+def test_box_rasterisation():
+    m = cones2.Layout.from_boxes({"a": (0.25, 0.5, 0.75, 1.0)}).masks(64, 128)["a"]
+    assert m.shape == (64, 128) and m.sum() == 32 * 64
+    assert m[32:, 32:96].all() and not m[:32].any() and not m[:, :32].any()
+    px = cones2.Layout.from_boxes({"a": (32, 32, 96, 64)}, units="pixels").masks(64, 128)["a"]
+    assert torch.equal(m, px)
+
+
+def test_boxes_masks_and_colour_map_agree(tmp_path):
+    from PIL import Image
+
+    H, W = 64, 128
+    boxes = {"dog": (0.0, 0.25, 0.5, 1.0), "mug": (0.5, 0.0, 1.0, 0.5)}
+    from_boxes = cones2.Layout.from_boxes(boxes, {"dog": 2.5, "mug": 3.0})
+    masks = from_boxes.masks(H, W)
+    from_masks = cones2.Layout.from_masks({k: v.numpy() for k, v in masks.items()}, {"dog": 2.5, "mug": 3.0})
+    img = np.zeros((H, W, 3), dtype=np.uint8)
+    img[masks["dog"].numpy()] = (255, 0, 0)
+    img[masks["mug"].numpy()] = (255, 192, 0)
+    Image.fromarray(img).save(tmp_path / "layout.png")
+    from_colors = cones2.Layout.from_color_map(tmp_path / "layout.png", {"255,0,0": ["dog", 2.5], "#ffc000": ("mug", 3.0)})
+    positions = {"dog": [2], "mug": [5]}
+    levels = [(8, 16), (4, 8)]
+    ref = from_boxes.weight_maps(positions, H, W, levels, -1e8)
+    for other in (from_masks, from_colors):
+        got = other.weight_maps(positions, H, W, levels, -1e8)
+        for n in ref:
+            assert torch.equal(ref[n], got[n])
+
+
+def test_hard_mask_boundary_values():
+    """Blends at region boundaries stay far below the -1e4 hard-mask threshold (SPEC 3)."""
+    layout = cones2.Layout.from_boxes({"dog": (0.3, 0.3, 0.7, 0.7)})
+    maps = layout.weight_maps({"dog": [2]}, 128, 128, [(16, 16), (4, 4)], -1e8)
+    col = maps[16 * 16][:, 2]
+    inside = (col - 2.5).abs() < 1e-5
+    assert inside.any() and col.min() <= -0.999e8
+    assert (inside | (col <= -1e4)).all(), "a blend landed between w+ and the hard-mask threshold"
+    assert maps[256][:, [0, 1, 3]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("boxes,msg", [
+    ({"dog": (0.5, 0.1, 0.2, 0.9)}, "inverted"),
+    ({"dog": (0.0, 0.0, 1.2, 1.0)}, r"\[0, 1\]"),
+    ({"dog": (0.0, 0.0, float("nan"), 1.0)}, "finite"),
+    ({"dog": (0.0, 0.0, 1.0)}, "4 finite numbers"),
+])
+def test_bad_boxes_name_the_field(boxes, msg):
+    with pytest.raises(cones2.Cones2Error, match=msg) as info:
+        cones2.Layout.from_boxes(boxes)
+    assert info.value.field == "layout.boxes.dog"
+
+
+def test_colour_missing_from_image_is_an_error(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "l.png")
+    with pytest.raises(cones2.Cones2Error, match="does not occur"):
+        cones2.Layout.from_color_map(tmp_path / "l.png", {"255,0,0": ["dog", 2.5]})
+    with pytest.raises(cones2.Cones2Error, match="colour must be"):
+        cones2.Layout.from_color_map(tmp_path / "l.png", {"300,0,0": ["dog", 2.5]})

@@ -112,8 +112,10 @@ class LatentCache:
         for i in range(pixels.shape[0]):
             x = pixels[i : i + 1].to(device, vae.dtype)
             dist = vae.encode(x).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
+            # contiguous: the VAE may hand back channels-last views, and the UNet's kernels (hence the
+            # last bits of every step) depend on the layout; a resumed run must see the same one
+            means.append(dist.mean.float().contiguous())
+            stds.append(dist.std.float().contiguous())
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return cls(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), float(shift))
 

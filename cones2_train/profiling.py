@@ -40,12 +40,15 @@ class PhaseTimer:
 
 
 def format_profile(seconds: dict[str, float], steps: int) -> str:
-    """A table: each step phase's seconds per step and share of the step; the one-off VAE cache apart."""
+    """A table: each step phase's ms per step and share of the step; the one-off costs (VAE cache,
+    residual extraction) apart, in total ms."""
     step_total = sum(seconds.get(p, 0.0) for p in STEP_PHASES)
     lines = [f"{'phase':<24}{'ms/step':>10}{'share':>9}"]
     for phase in STEP_PHASES:
         s = seconds.get(phase, 0.0)
         lines.append(f"{phase:<24}{1e3 * s / max(steps, 1):>10.1f}{100 * s / max(step_total, 1e-12):>8.1f}%")
     lines.append(f"{'step total':<24}{1e3 * step_total / max(steps, 1):>10.1f}{100.0:>8.1f}%")
-    lines.append(f"{'vae_cache (one-off)':<24}{1e3 * seconds.get('vae_cache', 0.0):>10.1f} ms total")
+    for one_off in ("vae_cache", "residual_extraction"):
+        if one_off in seconds:
+            lines.append(f"{one_off} (one-off): {1e3 * seconds[one_off]:.1f} ms")
     return "\n".join(lines)

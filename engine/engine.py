@@ -7,6 +7,7 @@ compatible requests through one sampling loop (cross-request batching for the se
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -114,6 +115,8 @@ class Engine:
         self.device, self.dtype = device, dtype
         self.unet.set_attn_processor(Cones2AttnProcessor())
         self._runners: dict[str, object] = {}
+        # HF tokenizers keep per-call padding state: concurrent calls corrupt each other's lengths.
+        self._tokenizer_lock = threading.RLock()
         self.default_backend = backend
         self._runners[backend] = make_runner(backend, self, **(backend_options or {}))
 
@@ -214,7 +217,7 @@ class Engine:
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
 
-        with clock("prepare"):
+        with clock("prepare"), self._tokenizer_lock:
             prepared = [self._prepare(r) for r in requests]
         with clock("schedule"):
             sched = self.components.scheduler_config
@@ -238,7 +241,8 @@ class Engine:
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """E(p) for each prompt, (B, 77, D) in the model dtype."""
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+        with self._tokenizer_lock:
+            return encode_prompts(self.text_encoder, self.tokenizer, prompts)
 
     def _prepare(self, req: GenerationRequest) -> _Prepared:
         """Embeddings with residuals composed in, and the per-level weight maps, for one request."""

@@ -153,36 +153,23 @@ class Layout:
         subject_positions: every token position of every occurrence of each subject's word.
         Tokens of no subject get 0; coinciding subjects' maps add.
         """
-        full = []
-        columns = []
+        names, full = [], []
         for name, region in self.regions.items():
-            positions = list(subject_positions.get(name, ()))
-            if not positions:
+            if not list(subject_positions.get(name, ())):
                 raise Cones2Error(f"layout subject {name!r} does not occur in the prompt", f"layout.{name}")
             inside = region.raster(height, width, f"layout.{name}")
             full.append(torch.where(inside, region.strength, negative_weight).to(torch.float32))
-            col = torch.zeros(seq_len, dtype=torch.float32)
-            col[positions] = 1.0
-            columns.append(col)
+            names.append(name)
         full_maps = torch.stack(full)[None].to(device)              # (1, J, H, W)
-        token_table = torch.stack(columns).to(device)               # (J, seq_len), 0/1
         maps = {}
         for h, w in level_shapes:
             level = F.interpolate(full_maps, size=(h, w), mode="bilinear", align_corners=True)[0]
-            per_subject = level.reshape(len(full), h * w).T          # (h*w, J)
-            # Sum of per-subject maps at their tokens; each column holds a 0/1 pattern, so the
-            # product is exact and only coinciding tokens add.
-            maps[h * w] = _exact_scatter(per_subject, token_table)
+            per_subject = level.reshape(len(names), h * w)           # (J, h*w), row-major pixels
+            W = torch.zeros(h * w, seq_len, dtype=torch.float32, device=device)
+            for j, name in enumerate(names):                          # coinciding subjects' maps add
+                W[:, list(subject_positions[name])] += per_subject[j, :, None]
+            maps[h * w] = W
         return maps
-
-
-def _exact_scatter(per_subject: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
-    """sum_j per_subject[:, j, None] * token_table[j] without matmul reassociation or TF32."""
-    out = torch.zeros(per_subject.shape[0], token_table.shape[1], dtype=torch.float32, device=per_subject.device)
-    for j in range(token_table.shape[0]):
-        cols = token_table[j].nonzero().flatten()
-        out[:, cols] += per_subject[:, j : j + 1]
-    return out
 
 
 def parse_color(key) -> tuple[int, int, int]:

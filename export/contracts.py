@@ -132,6 +132,16 @@ class Contract:
         return {t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)}
                 for t in self.inputs(static) if any(isinstance(a, str) for a in t.axes)}
 
+    def axis_minimums(self) -> dict[str, int]:
+        """Smallest legal value of each dynamic axis: one row, the smallest output size."""
+        unit = self.facts.size_unit
+        lows: dict[str, int] = {}
+        for spec in self.inputs():
+            for axis, value in zip(spec.axes, self.shapes(1, unit, unit)[spec.name]):
+                if isinstance(axis, str):
+                    lows[axis] = min(lows.get(axis, value), value)
+        return lows
+
     def point_shapes(self, point: ShapePoint) -> dict[str, Shape]:
         return self.shapes(point.images * self.rows_per_image, point.height, point.width)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from cones2.errors import Cones2Error
@@ -63,3 +65,27 @@ def check_size(manifest: dict, height: int, width: int, field: str) -> None:
     static = manifest.get("static_shape")
     if static and (height, width) != tuple(static):
         raise Cones2Error(f"was exported for {static[0]}x{static[1]} only, got {height}x{width}", field)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise Cones2Error(f"{out} exists and is not empty (pass --overwrite to replace it)", "out")
+
+
+def scratch_dir(out: Path) -> Path:
+    """A fresh folder beside `out` (same filesystem, so `publish` is one rename), umask permissions."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    scratch.chmod(0o777 & ~umask)
+    return scratch
+
+
+def publish(scratch: Path, out: Path) -> None:
+    """Replace `out` by the finished `scratch` folder."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    os.replace(scratch, out)

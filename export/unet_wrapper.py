@@ -100,6 +100,8 @@ class UNetExportWrapper(torch.nn.Module):
     prediction (B, C, h, w). Use inside `routed_by_level(unet)`.
     """
 
+    fixed_inputs = 4  # sample, timestep, encoder_hidden_states, coef; then one weight per level
+
     def __init__(self, unet, levels: list[int], backend: str = graph_attention.NAME):
         super().__init__()
         self.unet = unet

@@ -21,7 +21,8 @@ Two steps per call:
 Hard mask: weight <= -1e4 with coef > 0 gives probability exactly 0 (the logit is -inf before the
 exponential), in fp32, fp16 and bf16; a fully masked row (impossible with a start token) gives 0,
 never NaN. All arithmetic after the loads is fp32; fp32 inputs use IEEE (not TF32) products.
-Tile sizes are autotuned per (N, M, d, dtype); under TRITON_INTERPRET=1 the list is one config.
+Tile sizes are autotuned per (N, M, d, dtype) on first use of a shape (a few seconds; the choice is
+cached on disk in Triton's cache); under TRITON_INTERPRET=1 the list collapses to one config.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ import triton.language as tl
 
 from cones2.errors import Cones2Error
 
-HARD_MASK = -1e4
+HARD_MASK = tl.constexpr(-1e4)  # weight <= HARD_MASK with coef > 0: probability exactly 0 (SPEC 3)
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_PREPASS_BLOCK_N = 32  # sizes the pre-pass partials buffer: no pre-pass config may use fewer rows
 
 
 def interpreting() -> bool:
@@ -47,33 +49,34 @@ def _attention_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bn in (32, 64, 128) for bm in (32, 64, 128) for w in (4, 8) for s in (1, 2)]
+            for bn in (32, 64, 128) for bm in (64, 128) for w in (4, 8) for s in (1, 2)]
 
 
 def _prepass_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=1)
-            for bn in (32, 64, 128) for bm in (64, 128) for w in (4, 8)]
+            for bn in (MIN_PREPASS_BLOCK_N, 64, 128) for bm in (64, 128) for w in (4, 8)]
 
 
 def _prune(configs, named_args, **_):
-    """Drop tiles much larger than the problem (a 128-key tile for M = 32, a 128-row tile for N = 16)."""
+    """Drop tiles much larger than the problem (128 keys for M = 16, 128 rows for N = 16)."""
     n, m = named_args["N"], named_args["M"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
     return keep or configs[:1]
 
 
 # ---- std pre-pass ---------------------------------------------------------------------------------
 @triton.autotune(configs=_prepass_configs(), key=["N", "M", "BLOCK_D", "F32_DOT"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
-def _logit_moments_kernel(q_ptr, k_ptr, coef_ptr, part_ptr,
-                          sqb, sqh, sqn, sqd, skb, skh, skm, skd, spart_b,
+def _logit_moments_kernel(q_ptr, k_ptr, coef_ptr, part_ptr, meta_ptr,
+                          sqb, sqh, sqn, sqd, skb, skh, skm, skd, spart_b, SLOTS_PER_HEAD,
                           H, N, M, D, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per (head, row block): count, mean and centred sum of squares of its S tile -> part (3, B, P)."""
+    """Per (head, row block): count, mean and centred sum of squares of its S tile -> part (3, B, H * SLOTS_PER_HEAD),
+    slot h * SLOTS_PER_HEAD + row block; meta <- the tuned BLOCK_N, so the merge knows the used slots."""
     h, nb, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     active = tl.load(coef_ptr + b) != 0.0          # coef == 0: std never used, skip the loads
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,21 +109,24 @@ def _logit_moments_kernel(q_ptr, k_ptr, coef_ptr, part_ptr,
         m2 = m2 + bm2 + delta * delta * (count * bcount / total)
         count = total
     count = tl.where(active, count, 0.0)
-    slot = h * tl.num_programs(1) + nb
+    slot = h * SLOTS_PER_HEAD + nb
+    tl.store(meta_ptr, BLOCK_N, mask=(h + nb + b) == 0)
     tl.store(part_ptr + b * spart_b + slot, count)
     tl.store(part_ptr + (tl.num_programs(2) + b) * spart_b + slot, mean)
     tl.store(part_ptr + (2 * tl.num_programs(2) + b) * spart_b + slot, m2)
 
 
 @triton.jit
-def _merge_moments_kernel(part_ptr, sd_ptr, spart_b, B, P, BLOCK_P: tl.constexpr):
-    """One program per sample: Chan-merge the P partials into the unbiased std (0 if skipped)."""
+def _merge_moments_kernel(part_ptr, meta_ptr, sd_ptr, spart_b, B, N, SLOTS_PER_HEAD, P, BLOCK_P: tl.constexpr):
+    """One program per sample: Chan-merge the used partials into the unbiased std (0 if skipped)."""
     b = tl.program_id(0)
+    block_n = tl.load(meta_ptr)
+    used = (N + block_n - 1) // block_n                      # row blocks per head the pre-pass wrote
     offs = tl.arange(0, BLOCK_P)
     total_c = tl.zeros([BLOCK_P], tl.float32)
     total_s = tl.zeros([BLOCK_P], tl.float32)
     for start in range(0, P, BLOCK_P):
-        ok = start + offs < P
+        ok = (start + offs < P) & ((start + offs) % SLOTS_PER_HEAD < used)
         c = tl.load(part_ptr + b * spart_b + start + offs, mask=ok, other=0.0)
         mu = tl.load(part_ptr + (B + b) * spart_b + start + offs, mask=ok, other=0.0)
         total_c += c
@@ -129,7 +135,7 @@ def _merge_moments_kernel(part_ptr, sd_ptr, spart_b, B, P, BLOCK_P: tl.constexpr
     gmean = tl.sum(total_s, axis=0) / tl.maximum(count, 1.0)
     acc = tl.zeros([BLOCK_P], tl.float32)
     for start in range(0, P, BLOCK_P):
-        ok = start + offs < P
+        ok = (start + offs < P) & ((start + offs) % SLOTS_PER_HEAD < used)
         c = tl.load(part_ptr + b * spart_b + start + offs, mask=ok, other=0.0)
         mu = tl.load(part_ptr + (B + b) * spart_b + start + offs, mask=ok, other=0.0)
         m2 = tl.load(part_ptr + (2 * B + b) * spart_b + start + offs, mask=ok, other=0.0)
@@ -140,7 +146,7 @@ def _merge_moments_kernel(part_ptr, sd_ptr, spart_b, B, P, BLOCK_P: tl.constexpr
 
 # ---- fused attention ------------------------------------------------------------------------------
 @triton.autotune(configs=_attention_configs(), key=["N", "M", "BLOCK_D", "F32_DOT", "HAS_WEIGHT"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _rectified_attention_kernel(q_ptr, k_ptr, v_ptr, w_ptr, coef_ptr, sd_ptr, o_ptr,
                                 sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
@@ -160,7 +166,7 @@ def _rectified_attention_kernel(q_ptr, k_ptr, v_ptr, w_ptr, coef_ptr, sd_ptr, o_
         coef = tl.load(coef_ptr + b)
         bias_scale = coef * tl.load(sd_ptr + b)   # logits get + coef * sd * W before scaling
         m_guided = tl.where(coef != 0.0, M, 0)      # coef == 0: no weight loads at all
-        hard_at = tl.where(coef > 0.0, -1e4, float("-inf"))   # hard masks only when guiding
+        hard_at = tl.where(coef > 0.0, HARD_MASK, float("-inf"))   # hard masks only when guiding
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -241,18 +247,19 @@ def logit_std(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor | None = None
     B, H, N, d = q.shape
     M = k.shape[2]
     coef = _coef(coef, B, q.device) if coef is not None else torch.ones(B, dtype=torch.float32, device=q.device)
-    # Partials for the smallest row block of any config; the tuned config fills the first P slots.
-    slots = H * triton.cdiv(N, 32)
-    part = torch.empty((3, B, slots), dtype=torch.float32, device=q.device)
+    # Slots for the smallest row block of any config; the tuned config may use fewer per head.
+    per_head = triton.cdiv(N, MIN_PREPASS_BLOCK_N)
+    part = torch.empty((3, B, H * per_head), dtype=torch.float32, device=q.device)
+    meta = torch.empty(1, dtype=torch.int32, device=q.device)
     sd = torch.empty(B, dtype=torch.float32, device=q.device)
 
-    def grid(meta):
-        return (H, triton.cdiv(N, meta["BLOCK_N"]), B)
+    def grid(meta_args):
+        return (H, triton.cdiv(N, meta_args["BLOCK_N"]), B)
 
-    _logit_moments_kernel[grid](q, k, coef, part, *q.stride(), *k.stride(), part.stride(1), H, N, M, d,
+    _logit_moments_kernel[grid](q, k, coef, part, meta, *q.stride(), *k.stride(), part.stride(1), per_head, H, N, M, d,
                                 F32_DOT=_f32_dot(q.dtype), BLOCK_D=_block_d(d))
-    used = H * triton.cdiv(N, _logit_moments_kernel.best_config.kwargs["BLOCK_N"])
-    _merge_moments_kernel[(B,)](part, sd, part.stride(1), B, used, BLOCK_P=1024 if not interpreting() else 128)
+    _merge_moments_kernel[(B,)](part, meta, sd, part.stride(1), B, N, per_head, H * per_head,
+                                BLOCK_P=128 if interpreting() else 1024)
     return sd
 
 

@@ -34,6 +34,13 @@ class Limits:
     max_residual_bytes: int = 1 << 20
     max_layout_png_bytes: int = 4 << 20
 
+    def __post_init__(self):
+        for name in ("max_subjects", "max_steps", "max_residual_bytes", "max_layout_png_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise Cones2Error(f"must be >= 1, got {getattr(self, name)}", name)
+        if self.max_resolution < 64:
+            raise Cones2Error(f"must be >= 64, got {self.max_resolution}", "max_resolution")
+
 
 @dataclass(frozen=True)
 class ValidatedRequest:
@@ -49,8 +56,35 @@ _MODES = {pb.SAMPLING_MODE_UNSPECIFIED: "paper-exact", pb.SAMPLING_MODE_PAPER_EX
           pb.SAMPLING_MODE_FAST: "fast"}
 
 
-def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limits) -> ValidatedRequest:
-    """Check `msg` against the model (`engine`: tokenizer, text_dim, default_resolution) and `limits`."""
+class ThreadSafeTokenizer:
+    """A private copy of the engine's tokenizer, one call at a time.
+
+    Hugging Face tokenizers are not safe to call from several threads (fast tokenizers mutate their
+    padding/truncation state per call), and the worker thread uses the engine's own tokenizer while
+    the RPC threads validate, so validation gets its own copy behind a lock.
+    """
+
+    def __init__(self, tokenizer):
+        import copy
+        import threading
+
+        self._tokenizer = copy.deepcopy(tokenizer)
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limits,
+             tokenizer: ThreadSafeTokenizer | None = None) -> ValidatedRequest:
+    """Check `msg` against the model (`engine`: text_dim, default_resolution) and `limits`.
+
+    tokenizer: what to tokenize with (default: the engine's own, only safe off the worker thread).
+    """
     prompt = msg.prompt
     if not prompt.strip():
         raise Cones2Error("must be a non-empty string", "prompt")
@@ -62,7 +96,7 @@ def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limi
     names = set(subjects) | set(layout.names if layout else ())
     if len(names) > limits.max_subjects:
         raise Cones2Error(f"{len(names)} subjects; this server allows at most {limits.max_subjects}", "subjects")
-    _check_against_prompt(engine, prompt, subjects, positions, layout, config)
+    _check_against_prompt(tokenizer or engine.tokenizer, prompt, subjects, positions, layout, config)
     request = GenerationRequest(prompt, subjects, layout, config, positions or None)
     if msg.output_format not in _FORMATS:
         raise Cones2Error(f"unknown output format {msg.output_format}", "output_format")
@@ -154,6 +188,8 @@ def _color_layout(spec: pb.ColorMap, limits: Limits) -> Layout:
     if len(spec.png) > limits.max_layout_png_bytes:
         raise Cones2Error(f"{len(spec.png)} bytes exceeds the limit of {limits.max_layout_png_bytes} bytes",
                           "layout.color_map.png")
+    from PIL import UnidentifiedImageError
+
     try:
         with Image.open(io.BytesIO(spec.png), formats=["PNG"]) as im:
             if max(im.size) > MAX_COLOR_MAP_SIDE:
@@ -162,8 +198,10 @@ def _color_layout(spec: pb.ColorMap, limits: Limits) -> Layout:
             rgb = im.convert("RGB")
     except Cones2Error:
         raise
+    except UnidentifiedImageError:
+        raise Cones2Error("is not a PNG image", "layout.color_map.png") from None
     except Exception as exc:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
-        raise Cones2Error(f"is not a decodable PNG ({type(exc).__name__}: {exc})", "layout.color_map.png") from None
+        raise Cones2Error(f"is a PNG that does not decode ({exc})", "layout.color_map.png") from None
     table = {}
     for i, e in enumerate(spec.entries):
         if not e.subject.strip():
@@ -174,16 +212,16 @@ def _color_layout(spec: pb.ColorMap, limits: Limits) -> Layout:
     return Layout.from_color_map(rgb, table)   # checks each colour occurs in the image, naming it
 
 
-def _check_against_prompt(engine, prompt: str, subjects: dict[str, Residual], positions: dict[str, list[int]],
+def _check_against_prompt(tokenizer, prompt: str, subjects: dict[str, Residual], positions: dict[str, list[int]],
                           layout: Layout | None, config: SamplingConfig) -> None:
     """What Engine._prepare would reject, checked before the request joins a batch."""
-    ids = prompt_token_ids(engine.tokenizer, prompt)
+    ids = prompt_token_ids(tokenizer, prompt)
     for name, residual in subjects.items():
-        t = locate_subject(engine.tokenizer, ids, name, positions.get(name))
+        t = locate_subject(tokenizer, ids, name, positions.get(name))
         if name not in positions and residual.rows > len(t.token_ids):
             raise Cones2Error(f"residual has {residual.rows} rows but {name!r} has {len(t.token_ids)} tokens",
                               f"subjects.{name}")
     if layout is not None:
         for name in layout.names:
-            locate_subject(engine.tokenizer, ids, name, field="layout")   # raises if the word is absent
+            locate_subject(tokenizer, ids, name, field="layout")   # raises if the word is absent
         layout.masks(config.height, config.width)   # a region that vanishes at this size is an error

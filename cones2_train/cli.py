@@ -1,0 +1,114 @@
+"""`cones2-train`: a folder of images + a word -> a residual file the engine loads (SPEC section 1).
+
+User mistakes print one line and exit 2; Ctrl-C saves a resumable checkpoint and exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from cones2 import Cones2Error
+
+from .config import TrainConfig
+from .interrupt import TrainingInterrupted
+
+PROG = "cones2-train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Learn a Cones 2 subject residual from a few images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="diffusers-layout SD checkpoint dir or hub id (default: the embedded model)")
+    p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images of the subject")
+    p.add_argument("--word", required=True, help="the subject's base word, e.g. dog (may be several tokens)")
+    p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (constant)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square training size in px (default: the model's own, 768 for SD 2.1)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reg-first", type=float, default=1e-2, help="regulariser weight a (start token)")
+    p.add_argument("--reg-rest", type=float, default=1e-3, help="regulariser weight b (end token and padding)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--templates", default=None, help="caption templates file, one caption with one {} per line")
+    p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only on Ctrl-C)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT without suffix + .ckpt)")
+    p.add_argument("--keep-checkpoints", type=int, default=1, help="periodic checkpoints to keep")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint (step folder or its parent)")
+    p.add_argument("--save-encoder", default=None, metavar="DIR", help="also save the tuned text encoder here")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less UNet memory, slower steps")
+    p.add_argument("--profile", action="store_true", help="print where the step time goes (syncs; slower)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except TrainingInterrupted as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 130
+    except Cones2Error as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    out = _output_path(args.out)
+    if args.save_encoder and Path(args.save_encoder).is_file():
+        raise Cones2Error(f"is a file, expected a folder: {args.save_encoder}", "save_encoder")
+    config = TrainConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
+        reg_first=args.reg_first, reg_rest=args.reg_rest, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+        seed=args.seed, device=args.device, dtype=args.dtype, templates=args.templates, save_every=args.save_every,
+        checkpoint_dir=args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt",
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, gradient_checkpointing=args.gradient_checkpointing)
+
+    from .trainer import Trainer
+
+    start = time.perf_counter()
+    trainer = Trainer(args.model, args.images, args.word, config, profile=args.profile)
+    first_step = trainer.step
+    residual = trainer.train(progress=not args.no_progress)
+    residual.save(out)
+    written = [str(out)]
+    if args.save_encoder:
+        trainer.save_encoder(args.save_encoder)
+        written.append(args.save_encoder)
+    elapsed = time.perf_counter() - start
+    loss = f", last loss {trainer.last_loss:.4g}" if trainer.last_loss is not None else ""
+    print(f"wrote {', '.join(written)}  (word {residual.word!r}: {residual.rows} token(s) x D={residual.dim}; "
+          f"{trainer.step} steps at {trainer.resolution}px on {trainer.device}, {elapsed:.1f}s{loss})")
+    if args.profile:
+        from .profiling import format_profile
+
+        print(format_profile(trainer.timer.seconds, trainer.step - first_step))
+    return 0
+
+
+def _output_path(text: str) -> Path:
+    out = Path(text).expanduser()
+    if out.suffix != ".safetensors":
+        raise Cones2Error(f"must end in .safetensors, got {text}", "out")
+    if out.is_dir():
+        raise Cones2Error(f"is a folder: {text}", "out")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise Cones2Error(f"cannot write to {out.parent}", "out")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The demo model's recipe: architecture and training settings in one frozen dataclass (issue 7).
+
+`Recipe()` is the recipe that produces the shipped weights; `Recipe.smoke()` is a few-step version
+for tests. Everything that changes the weights is in here, so `fingerprint()` (stored with every
+checkpoint) refuses to resume a run under different settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+from cones2 import Cones2Error
+
+STAGES = ("vae", "text", "unet")
+DEMO_VERSION = "demo-world-v1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Settings of a demo-model training run.
+
+    Architecture: `vae_channels` (4 blocks: 64 px -> 8x8 latents), `latent_channels`; `text_width`,
+    `text_layers`, `text_heads` of the CLIP text encoder (full 49408-token CLIP vocabulary);
+    `unet_channels` (3 levels: 8x8 and 4x4 with cross-attention, 2x2 without; the mid block has it),
+    `unet_heads` (attention heads per level). Stages, each with steps, batch size and peak learning rate:
+    vae (reconstruction L1 on object-weighted pixels + KL; the latent scaling factor is measured on
+    `scale_samples` held-out scenes), text (a warm-up that teaches the causal
+    encoder to carry each object's colour and pattern on its kind word), unet (text encoder + UNet
+    jointly: v-prediction loss + `grounding_weight` * token-grounding loss on the kind words'
+    cross-attention at 8x8 and 4x4). `dataset_size` scenes are rendered and encoded once for the
+    unet stage; `caption_dropout` of their captions are replaced by "" (for classifier-free guidance).
+    """
+
+    seed: int = 0
+    # architecture
+    vae_channels: tuple[int, int, int, int] = (16, 32, 32, 64)
+    latent_channels: int = 4
+    text_width: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    unet_channels: tuple[int, int, int] = (64, 128, 128)
+    unet_heads: tuple[int, int, int] = (2, 4, 4)
+    prediction_type: str = "v_prediction"
+    # vae stage
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    vae_object_weight: float = 4.0
+    scale_samples: int = 512
+    # text stage
+    text_steps: int = 300
+    text_batch: int = 128
+    text_lr: float = 2e-3
+    # unet stage
+    unet_steps: int = 4000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    text_lr_joint: float = 2e-4
+    grounding_weight: float = 0.5
+    caption_dropout: float = 0.1
+    dataset_size: int = 40_000
+    ema_decay: float = 0.999
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        for name in ("vae_steps", "text_steps", "unet_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise Cones2Error(f"must be an integer >= 0, got {getattr(self, name)!r}", name)
+        for name in ("vae_batch", "text_batch", "unet_batch", "dataset_size", "scale_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise Cones2Error(f"must be an integer >= 1, got {getattr(self, name)!r}", name)
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise Cones2Error(f"must be epsilon or v_prediction, got {self.prediction_type!r}", "prediction_type")
+        if not 0 <= self.caption_dropout < 1:
+            raise Cones2Error(f"must be in [0, 1), got {self.caption_dropout}", "caption_dropout")
+
+    @classmethod
+    def smoke(cls, **overrides) -> "Recipe":
+        """A few steps of everything on small batches: for tests, not for pictures."""
+        base = dict(vae_steps=3, vae_batch=4, text_steps=3, text_batch=8, unet_steps=3, unet_batch=4,
+                    dataset_size=16, scale_samples=16, warmup_steps=1, vae_channels=(8, 8, 8, 8), unet_channels=(32, 32, 32),
+                    text_width=32, text_layers=1, text_heads=2)
+        return cls(**{**base, **overrides})
+
+    def steps(self, stage: str) -> int:
+        return getattr(self, f"{stage}_steps")
+
+    def with_steps(self, **steps: int) -> "Recipe":
+        """A copy with other step counts ({'vae': 10, ...})."""
+        return replace(self, **{f"{k}_steps": v for k, v in steps.items()})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self, stage: str) -> str:
+        """Hash of every setting that shapes `stage`'s weights: the common ones, those of the earlier
+        stages, and this stage's own except its step count (so a finished run can be extended)."""
+        d = self.to_dict()
+        keys = set(COMMON_KEYS)
+        for s in STAGES[: STAGES.index(stage) + 1]:
+            keys |= set(STAGE_KEYS[s])
+        keys.discard(f"{stage}_steps")
+        return hashlib.sha256(json.dumps({k: d[k] for k in sorted(keys)}).encode()).hexdigest()[:16]
+
+
+COMMON_KEYS = ("seed", "vae_channels", "latent_channels", "text_width", "text_layers", "text_heads", "unet_channels",
+               "unet_heads", "prediction_type", "warmup_steps", "grad_clip")
+STAGE_KEYS = {
+    "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "vae_object_weight", "scale_samples"),
+    "text": ("text_steps", "text_batch", "text_lr"),
+    "unet": ("unet_steps", "unet_batch", "unet_lr", "text_lr_joint", "grounding_weight", "caption_dropout",
+             "dataset_size", "ema_decay"),
+}

@@ -1,0 +1,120 @@
+"""`python -m cones2_train.demo_world.train`: train the demo model on the demo world (issue 7).
+
+    python -m cones2_train.demo_world.train --out runs/demo              # all stages, then OUT/model
+    python -m cones2_train.demo_world.train --out runs/demo --resume     # continue after Ctrl-C
+    python -m cones2_train.demo_world.train --out runs/demo --stage unet --steps 6000 --resume   # extend
+
+Stages run in order vae -> text -> unet; a finished stage (same recipe and step count) is skipped.
+`OUT/model` is the diffusers directory `cones2.Engine.from_pretrained` loads. Exit codes: 0 done,
+2 a user mistake (one line on stderr), 130 interrupted (a checkpoint was saved).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cones2 import Cones2Error
+
+from . import stages as S
+from .loop import StageInterrupted
+from .models import weight_bytes
+from .recipe import STAGES, Recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cones2_train.demo_world.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder (checkpoints, stage artefacts, OUT/model)")
+    p.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    p.add_argument("--steps", action="append", default=[], metavar="N or STAGE=N",
+                   help="step count of --stage (or STAGE=N for any stage; repeatable); default: the recipe's")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and on Ctrl-C)")
+    p.add_argument("--smoke", action="store_true", help="the tiny test recipe (seconds; pictures are noise)")
+    p.add_argument("--model-dir", help="where to write the diffusers directory (default OUT/model)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def recipe_from_args(args) -> Recipe:
+    recipe = Recipe.smoke(seed=args.seed) if args.smoke else Recipe(seed=args.seed)
+    steps = {}
+    for item in args.steps:
+        stage, eq, value = item.rpartition("=")
+        if not eq:
+            if args.stage == "all":
+                raise Cones2Error("a bare --steps N needs --stage; use STAGE=N with --stage all", "steps")
+            stage = args.stage
+        if stage not in STAGES:
+            raise Cones2Error(f"unknown stage {stage!r} (choose {', '.join(STAGES)})", "steps")
+        try:
+            steps[stage] = int(value)
+        except ValueError:
+            raise Cones2Error(f"must be an integer, got {value!r}", "steps") from None
+        if steps[stage] < 1:
+            raise Cones2Error(f"must be >= 1, got {steps[stage]}", "steps")
+    return recipe.with_steps(**steps)
+
+
+def train(out: str | Path, recipe: Recipe, stage: str = "all", *, resume: bool = False, save_every: int = 200,
+          progress: bool = True, model_dir: str | Path | None = None, should_stop=None) -> dict:
+    """Run the stage(s) and, when every stage is done, write the model directory. Returns a summary
+    {stage: artefact metadata, "model": path or None}. should_stop() is polled after every step;
+    when it returns True the stage saves a checkpoint and raises `StageInterrupted` (as Ctrl-C does)."""
+    run = S.Run(Path(out), recipe, progress=progress, resume=resume, save_every=save_every, should_stop=should_stop)
+    run.out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    table = None
+    for name in (STAGES if stage == "all" else (stage,)):
+        done = run.finished(name)
+        if done is not None:
+            summary[name] = done
+            continue
+        if name == "vae":
+            summary[name] = S.train_vae(run)
+        else:
+            table = table if table is not None else S.captions(run)
+            summary[name] = S.train_text(run, table) if name == "text" else S.train_unet(run, table)
+    ready = all(run.finished(s) is not None for s in STAGES)
+    summary["model"] = S.export(run, Path(model_dir) if model_dir else None) if ready else None
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise Cones2Error(f"must be >= 1, got {args.threads}", "threads")
+            torch.set_num_threads(args.threads)
+        if args.save_every < 0:
+            raise Cones2Error(f"must be >= 0, got {args.save_every}", "save-every")
+        recipe = recipe_from_args(args)
+        start = time.perf_counter()
+        summary = train(args.out, recipe, args.stage, resume=args.resume, save_every=args.save_every,
+                        progress=not args.no_progress, model_dir=args.model_dir)
+    except Cones2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StageInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    for name in STAGES:
+        if name in summary:
+            m = summary[name]
+            print(f"{name:5s} {m['steps']:6d} steps  {m['seconds']:8.1f} s in steps  {m['ms_per_step']:7.1f} ms/step  "
+                  f"({m['threads']} threads)  {m['losses']}")
+    if summary["model"] is not None:
+        print(f"model: {summary['model']}  ({weight_bytes(summary['model']) / 2**20:.1f} MiB of safetensors)")
+    print(f"wall time of this invocation: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The Cones2Service handlers: validate, enqueue, wait, answer; and the one exception -> status mapping.
+
+RPC threads do no model work: they validate the request (validation.py), put a Job on the queue and
+wait for a worker (worker.py) to finish it. Every error leaves through `_status`: Cones2Error ->
+INVALID_ARGUMENT, full queue -> RESOURCE_EXHAUSTED, not ready / stopping -> UNAVAILABLE, and anything
+unexpected -> INTERNAL with the trace in the server log, never in the reply.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import time
+
+import grpc
+
+from .. import __version__
+from ..engine import Generation
+from ..errors import Cones2Error, GenerationCancelled
+from . import cones2_pb2 as pb
+from . import cones2_pb2_grpc as pb_grpc
+from .residual_store import ResidualInfo, StoreFull
+from .validation import ValidatedRequest, validate
+from .worker import DONE, DeadlineExceeded, Job, QueueFull, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The model is still loading or warming up."""
+
+
+class NotFound(Exception):
+    """No such residual."""
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one place exceptions become gRPC status codes."""
+    if isinstance(exc, Cones2Error):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, (QueueFull, StoreFull)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, (NotReady, ShuttingDown)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, GenerationCancelled):
+        return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def _rpc(fn):
+    """Error mapping (`_status`, then `context.abort`) and metrics around a unary or server-streaming handler."""
+    method = fn.__name__
+
+    if method == "GenerateStream":
+        @functools.wraps(fn)
+        def stream(self, request, context):
+            start, code = time.monotonic(), grpc.StatusCode.OK
+            try:
+                yield from fn(self, request, context)
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
+                code, message = _status(exc)
+                context.abort(code, message)
+            finally:
+                self.server.metrics.observe(method, code.name, time.monotonic() - start)
+        return stream
+
+    @functools.wraps(fn)
+    def unary(self, request, context):
+        start, code = time.monotonic(), grpc.StatusCode.OK
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
+            code, message = _status(exc)
+            context.abort(code, message)
+        finally:
+            self.server.metrics.observe(method, code.name, time.monotonic() - start)
+    return unary
+
+
+class Cones2Servicer(pb_grpc.Cones2ServiceServicer):
+    """The service; `server` is the running `cones2.serve.server.Server` (engine, store, queue, limits)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    # ---- generation ---------------------------------------------------------------------------
+    @_rpc
+    def Generate(self, request, context):
+        job, v = self._submit(request, context, want_events=False)
+        return self._response(job, v, self._outcome(job))
+
+    @_rpc
+    def GenerateStream(self, request, context):
+        job, v = self._submit(request, context, want_events=True)
+        while True:
+            event = job.events.get()
+            if event is DONE:
+                break
+            yield pb.GenerateEvent(progress=pb.Progress(step=event.step, total_steps=event.total,
+                                                        preview_png=event.preview_png or b""))
+        yield pb.GenerateEvent(result=self._response(job, v, self._outcome(job)))
+
+    def _submit(self, request: pb.GenerateRequest, context, want_events: bool) -> tuple[Job, ValidatedRequest]:
+        s = self.server
+        s.check_available()
+        v = validate(request, s.engine, s.store, s.options.limits, s.tokenizer)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
+        job = Job(v.request, deadline=deadline, want_events=want_events, preview_every=v.preview_every)
+        s.jobs.put(job)
+
+        def on_rpc_end():
+            left = context.time_remaining()
+            job.cancel(deadline_passed=left is not None and left <= 0.05)
+
+        if not context.add_callback(on_rpc_end):
+            job.cancel()
+        return job, v
+
+    @staticmethod
+    def _outcome(job: Job) -> Generation:
+        outcome = job.wait()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _response(self, job: Job, v: ValidatedRequest, gen: Generation) -> pb.GenerateResponse:
+        engine = self.server.engine
+        params = gen.parameters() | {"model": engine.components.model_id, "backend": engine.default_backend}
+        timings = dict(gen.timings)
+        timings["queue"] = (job.started or job.submitted) - job.submitted
+        resp = pb.GenerateResponse(seed=gen.seed, timings=timings, engine_version=__version__,
+                                   model_id=engine.components.model_id, backend=engine.default_backend,
+                                   batch_size=job.batch_size, width=gen.image.width, height=gen.image.height)
+        if v.output_format == "latents":
+            from safetensors.torch import save
+
+            resp.latents = save({"latents": gen.latents.contiguous(), "cond_embeddings": gen.cond_embeddings.contiguous()},
+                                metadata={k: str(val) for k, val in params.items()})
+        else:
+            from ..image import png_info
+
+            buf = io.BytesIO()
+            gen.image.save(buf, format="PNG", pnginfo=png_info(params))
+            resp.image = buf.getvalue()
+        return resp
+
+    # ---- residuals ----------------------------------------------------------------------------
+    @_rpc
+    def RegisterResidual(self, request, context):
+        self.server.check_available()
+        info, created = self.server.store.register(request.safetensors, "safetensors")
+        return pb.RegisterResidualResponse(residual=_info_pb(info), created=created)
+
+    @_rpc
+    def ListResiduals(self, request, context):
+        self.server.check_available()
+        return pb.ListResidualsResponse(residuals=[_info_pb(i) for i in self.server.store.list()])
+
+    @_rpc
+    def DeleteResidual(self, request, context):
+        self.server.check_available()
+        if not self.server.store.delete(request.id, "id"):
+            raise NotFound(f"id: no residual with id {request.id}")
+        return pb.DeleteResidualResponse()
+
+    @_rpc
+    def GetServerInfo(self, request, context):
+        s = self.server
+        s.check_available()
+        e, o = s.engine, s.options
+        return pb.ServerInfo(engine_version=__version__, model_id=e.components.model_id, backend=e.default_backend,
+                             device=str(e.device), text_dim=e.text_dim, default_resolution=e.default_resolution,
+                             max_resolution=o.limits.max_resolution, max_steps=o.limits.max_steps,
+                             max_subjects=o.limits.max_subjects, max_batch=o.max_batch, max_queue=o.max_queue,
+                             max_residual_bytes=o.limits.max_residual_bytes)
+
+
+def _info_pb(info: ResidualInfo) -> pb.ResidualInfo:
+    return pb.ResidualInfo(id=info.id, word=info.word, rows=info.rows, dim=info.dim, base_model=info.base_model,
+                           size_bytes=info.size_bytes, metadata=info.metadata)

@@ -1,0 +1,259 @@
+"""The demo world (issue 7): deterministic scenes whose boxes match their pixels, an exact detector,
+the grounding loss, and a few-step training run that yields a model the engine loads.
+
+Checks are independent of the code under test where it matters: boxes are checked against raw
+pixel differences from the background, the grounding loss against a brute-force computation,
+resume against an uninterrupted run, the metrics against the world's own renders (`--oracle`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cones2 import Cones2Error
+from cones2_train.demo_world import detector
+from cones2_train.demo_world.world import (BACKGROUNDS, COLOURS, INSTANCES, KINDS, WorldConfig, instance_scene,
+                                           make_scene)
+
+PATTERNED = WorldConfig(p_pattern=0.4)
+
+
+# ---- the world -------------------------------------------------------------------------------------------
+def test_scenes_are_deterministic_and_varied():
+    a, b = make_scene(3, 17, PATTERNED), make_scene(3, 17, PATTERNED)
+    assert a == b
+    assert np.array_equal(np.asarray(a.render()), np.asarray(b.render()))
+    others = {make_scene(3, i).caption for i in range(40)}
+    assert len(others) == 40
+    assert make_scene(4, 17, PATTERNED) != a
+    inst = [np.asarray(instance_scene("striped_star", 0, i).render()) for i in range(2)]
+    assert np.array_equal(inst[0], np.asarray(instance_scene("striped_star", 0, 0).render()))
+    assert not np.array_equal(inst[0], inst[1])
+
+
+def test_scene_invariants_and_captions():
+    counts = set()
+    for i in range(60):
+        s = make_scene(0, i, PATTERNED)
+        counts.add(len(s.objects))
+        assert len({o.kind for o in s.objects}) == len(s.objects)            # distinct kinds
+        assert len({o.colour for o in s.objects}) == len(s.objects)          # distinct colours
+        for o, named in zip(s.objects, s.named_colours):
+            phrase = " ".join(w for w in ([o.pattern] if o.pattern != "plain" else []) + ([o.colour] if named else [])
+                              + [o.kind])
+            assert phrase in s.caption
+        boxes = s.boxes
+        for j, p in enumerate(boxes):                                         # pairwise gap >= 2 px
+            for q in boxes[j + 1:]:
+                assert p[2] + 2 <= q[0] or q[2] + 2 <= p[0] or p[3] + 2 <= q[1] or q[3] + 2 <= p[1]
+    assert counts == {1, 2, 3, 4}
+
+
+def test_ground_truth_boxes_match_rendered_pixels():
+    """Pixels differ from the background only inside the boxes, and within each box the differing
+    pixels reach every side (to within the 1 px an antialiased star tip may lose)."""
+    for i in range(40):
+        s = make_scene(1, i, PATTERNED)
+        img = np.asarray(s.render()).astype(int)
+        differs = np.abs(img - np.array(BACKGROUNDS[s.background])).max(-1) > 0
+        inside = np.zeros_like(differs)
+        for x0, y0, x1, y1 in s.boxes:
+            inside[y0:y1, x0:x1] = True
+            ys, xs = np.nonzero(differs[y0:y1, x0:x1])
+            assert xs.min() <= 1 and ys.min() <= 1 and xs.max() >= x1 - x0 - 2 and ys.max() >= y1 - y0 - 2, (i, s.caption)
+        assert not (differs & ~inside).any()
+
+
+# ---- the detector ------------------------------------------------------------------------------------------
+def test_detector_finds_exactly_the_rendered_objects():
+    cases = [make_scene(2, i, PATTERNED) for i in range(50)] + [instance_scene(n, 0, i) for n in INSTANCES for i in range(3)]
+    for s in cases:
+        found = detector.detect(s.render())
+        got = sorted((d.colour, d.kind, d.pattern, d.second) for d in found)
+        assert got == sorted((o.colour, o.kind, o.pattern, o.second) for o in s.objects), s.caption
+        for o in s.objects:
+            d = next(d for d in found if d.colour == o.colour)
+            assert max(abs(a - b) for a, b in zip(d.centre, o.centre)) <= 1.0
+            if o.pattern == "plain" and all(p.second != o.colour for p in s.objects):
+                f = detector.find_colour(s.render(), o.colour)
+                assert f.kind == o.kind and max(abs(a - b) for a, b in zip(f.box, o.box)) <= 1
+
+
+def test_detector_every_kind_and_colour_at_the_size_extremes():
+    from cones2_train.demo_world.world import Scene, Thing
+
+    for size in (14, 26):
+        for k, kind in enumerate(KINDS):
+            colour = list(COLOURS)[k % len(COLOURS)]
+            for bg in BACKGROUNDS:
+                img = Scene((Thing(kind, colour, (10, 12, 10 + size, 12 + size)),), bg, "").render()
+                (d,) = detector.detect(img)
+                assert (d.kind, d.colour, d.pattern) == (kind, colour, "plain"), (size, kind, bg)
+
+
+def test_detector_on_empty_and_noise_images():
+    from PIL import Image
+
+    assert detector.detect(Image.new("RGB", (64, 64), BACKGROUNDS["snow"])) == []
+    assert detector.find_colour(Image.new("RGB", (64, 64), BACKGROUNDS["night"]), "red") is None
+
+
+# ---- grounding loss -----------------------------------------------------------------------------------------
+def test_box_coverage_matches_brute_force():
+    from cones2_train.demo_world.grounding import box_coverage
+
+    boxes = torch.tensor([[[0.1, 0.2, 0.55, 0.9], [0.0, 0.0, 1.0, 0.3]]])
+    got = box_coverage(boxes, 8, 8)
+    fine = 800                                                          # 100 x 100 samples per cell
+    c = (torch.arange(fine) + 0.5) / fine
+    for j in range(2):
+        x0, y0, x1, y1 = boxes[0, j].tolist()
+        inside = ((c[None, :] >= x0) & (c[None, :] < x1) & (c[:, None] >= y0) & (c[:, None] < y1)).float()
+        ref = inside.reshape(8, 100, 8, 100).mean(dim=(1, 3)).flatten()
+        assert torch.allclose(got[0, j], ref, atol=1e-2)
+
+
+def test_grounding_loss_against_direct_computation():
+    from cones2_train.demo_world.grounding import grounding_loss
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 16, 77), -1)
+    positions = torch.tensor([[3, 7], [5, 0]])
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], [[0.25, 0.0, 1.0, 0.75], [0, 0, 1, 1]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    got = grounding_loss([probs], positions, boxes, valid)
+    terms = []
+    for b, j in ((0, 0), (0, 1), (1, 0)):
+        a = probs[b, :, positions[b, j]].reshape(4, 4)
+        x0, y0, x1, y1 = (int(v * 4) for v in boxes[b, j].tolist())            # boxes on the 4x4 grid
+        terms.append((1 - a[y0:y1, x0:x1].sum() / a.sum()) ** 2)
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-6)
+    inside_only = torch.zeros(1, 16, 77)
+    inside_only[0, :, 0] = 1.0
+    inside_only[0, [0, 1, 4, 5], 3] = 1.0
+    assert float(grounding_loss([inside_only], torch.tensor([[3]]), boxes[:1, :1], torch.tensor([[True]]))) < 1e-9
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from cones2_train.demo_world.recipe import Recipe
+    from cones2_train.demo_world.train import train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo-smoke")
+    summary = train(out, Recipe.smoke(), progress=False)
+    return out, summary
+
+
+def test_smoke_training_writes_a_model_the_engine_loads(smoke_run):
+    import cones2
+
+    out, summary = smoke_run
+    model = summary["model"]
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_cones2_demo"]
+    from safetensors.torch import load_file
+
+    for part in ("unet", "vae", "text_encoder"):
+        (f,) = list((model / part).glob("*.safetensors"))
+        assert {t.dtype for t in load_file(f).values()} == {torch.float16}
+    engine = cones2.Engine.from_pretrained(model)
+    assert engine.default_resolution == 64 and engine.level_shapes(64, 64) == [(8, 8), (4, 4), (2, 2)]
+    assert engine.prediction_type == "v_prediction"
+    assert engine.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
+    layout = cones2.Layout.from_boxes({"star": (0, 0, 0.5, 0.5), "ring": (0.5, 0.5, 1, 1)})
+    g = engine.generate("a red star and a blue ring on a sand background", layout=layout, steps=3, progress=False)
+    assert g.image.size == (64, 64) and torch.isfinite(g.latents).all()
+
+
+def test_full_recipe_fits_the_size_budget():
+    from cones2_train.demo_world import models
+    from cones2_train.demo_world.recipe import Recipe
+
+    r = Recipe()
+    tok = models.build_tokenizer()
+    params = sum(p.numel() for m in (models.build_vae(r), models.build_text_encoder(r, tok), models.build_unet(r))
+                 for p in m.parameters())
+    assert 2 * params <= 25 * 10**6                                  # fp16 bytes
+
+
+def test_resume_continues_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from cones2_train.demo_world.loop import StageInterrupted
+    from cones2_train.demo_world.recipe import Recipe
+    from cones2_train.demo_world.train import train
+
+    torch.set_num_threads(1)
+    recipe = Recipe.smoke(vae_steps=4)
+    train(tmp_path / "a", recipe, "vae", progress=False)
+    calls = []
+    with pytest.raises(StageInterrupted):
+        train(tmp_path / "b", recipe, "vae", progress=False, should_stop=lambda: calls.append(1) or len(calls) >= 2)
+    with pytest.raises(Cones2Error, match="--resume"):
+        train(tmp_path / "b", recipe, "vae", progress=False)
+    with pytest.raises(Cones2Error, match="other recipe settings"):
+        train(tmp_path / "b", Recipe.smoke(vae_steps=4, vae_lr=1e-3), "vae", progress=False, resume=True)
+    train(tmp_path / "b", recipe, "vae", resume=True, progress=False)
+    a, b = (load_file(p / "stages" / "vae.safetensors") for p in (tmp_path / "a", tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    from cones2_train.demo_world.train import main
+
+    assert main(["--out", str(tmp_path), "--smoke", "--steps", "5"]) == 2
+    assert "steps" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--smoke", "--stage", "unet"]) == 2       # vae has not run
+    assert "--stage vae" in capsys.readouterr().err
+
+
+# ---- metrics and the benchmark -----------------------------------------------------------------------------------
+def _quality():
+    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("demo_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_metrics_score_the_world_itself_perfectly(tmp_path):
+    out = tmp_path / "q.json"
+    assert _quality().main(["--oracle", "--quick", "--prompts", "12", "--residual-prompts", "4", "--json", str(out),
+                            "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    for row in res["layout"].values():
+        assert row["guided"]["fidelity"] == 1.0 and row["guided"]["layout"] == 1.0
+        assert row["unguided"]["fidelity"] == 1.0 and row["unguided"]["layout"] < 0.8
+    for name in INSTANCES:
+        assert res["residuals"][name]["with"]["exact"] == 1.0 and res["residuals"][name]["without"]["exact"] == 0.0
+    assert res["residuals"]["composition"]["with"]["both"] == 1.0
+
+
+def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
+    out = tmp_path / "q.json"
+    model = smoke_run[1]["model"]
+    assert _quality().main(["--model", str(model), "--quick", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["layout"]) == {"2", "3"}
+    for n, row in res["layout"].items():
+        for key in ("guided", "unguided"):
+            assert row[key]["objects"] == 3 * int(n)
+            assert all(0.0 <= row[key][m] <= 1.0 for m in ("present", "fidelity", "layout"))
+    assert set(res["residuals"]) == set(INSTANCES) | {"composition"}
+
+
+def test_instance_folder_and_templates(tmp_path):
+    from cones2_train.demo_world.instances import write_instance_folder
+    from cones2_train.templates import load_templates
+
+    folder = write_instance_folder("twotone_ring", tmp_path / "ring")
+    assert len(list(folder.glob("*.png"))) == 5
+    templates = load_templates(str(folder / "templates.txt"))
+    assert len(templates) == 64 and all("ring" not in t for t in templates)

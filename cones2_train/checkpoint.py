@@ -50,7 +50,8 @@ def save_checkpoint(root: str | os.PathLike, state: CheckpointState, keep: int |
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         opt_tensors, opt_json = _split_optimizer(state.optimizer)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.text_encoder.items()}, tmp / "text_encoder.safetensors")
+        encoder = {k: v.detach().cpu().contiguous() for k, v in state.text_encoder.items()}
+        save_file(encoder, tmp / "text_encoder.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in state.latents.items()}, tmp / "latents.safetensors")

@@ -18,23 +18,32 @@ from .interrupt import TrainingInterrupted
 PROG = "cones2-train"
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None / False ones (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Learn a Cones 2 subject residual from a few images.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsFormatter)
     p.add_argument("--model", help="diffusers-layout SD checkpoint dir or hub id (default: the embedded model)")
     p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images of the subject")
     p.add_argument("--word", required=True, help="the subject's base word, e.g. dog (may be several tokens)")
     p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps")
     p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (constant)")
     p.add_argument("--resolution", type=int, default=None,
                    help="square training size in px (default: the model's own, 768 for SD 2.1)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="images per step")
     p.add_argument("--reg-first", type=float, default=1e-2, help="regulariser weight a (start token)")
     p.add_argument("--reg-rest", type=float, default=1e-3, help="regulariser weight b (end token and padding)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds image order, latent samples, noise, timesteps")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
@@ -42,11 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT without suffix + .ckpt)")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="periodic checkpoints to keep")
-    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint (step folder or its parent)")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue from a checkpoint (a step folder, or the checkpoint folder: its newest)")
     p.add_argument("--save-encoder", default=None, metavar="DIR", help="also save the tuned text encoder here")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less UNet memory, slower steps")
     p.add_argument("--profile", action="store_true", help="print where the step time goes (syncs; slower)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -74,8 +74,12 @@ def captions_for(tokenizer, templates: list[str], word: str, word_ids: list[int]
         elif len(starts) == 1:
             start = starts[0]
         else:
-            reason = "is cut off by the 77-token limit" if not starts and end == SEQ_LEN else \
-                "does not tokenize there as it does alone" if not starts else "cannot be told apart from the template's own text"
+            if starts:
+                reason = "cannot be told apart from the template's own text"
+            elif end == SEQ_LEN:
+                reason = "is cut off by the 77-token limit"
+            else:
+                reason = "does not tokenize there as it does alone (e.g. '{}s')"
             raise Cones2Error(f"in {template!r} the word {word!r} {reason}", field)
         out.append(Caption(text, tuple(ids), start))
     return out

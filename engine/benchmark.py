@@ -111,6 +111,7 @@ def resolve_backends(text: str | None, device: torch.device, onnx: str | None) -
 def build_sd21_engine(config_dir: Path, device: torch.device, dtype: torch.dtype):
     """A randomly initialised full-size SD 2.1 Engine from diffusers/transformers config files."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .engine import Engine
@@ -123,10 +124,15 @@ def build_sd21_engine(config_dir: Path, device: torch.device, dtype: torch.dtype
         raise Cones2Error(f"SD 2.1 configs not found: {', '.join(missing)}", "sd21_config")
     cfg = {n: json.loads(p.read_text()) for n, p in files.items()}
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(cfg["unet"]).to(dtype)
-        vae = AutoencoderKL.from_config(cfg["vae"]).to(dtype)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).to(dtype)
+    quiet = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # no "keep these modules in float32" notice: weights are random
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(cfg["unet"]).to(dtype)
+            vae = AutoencoderKL.from_config(cfg["vae"]).to(dtype)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(quiet)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     components = Components(build_clip_tokenizer(pad_token="!"), text_encoder, unet, vae, cfg["scheduler"],

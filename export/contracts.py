@@ -77,7 +77,7 @@ class ShapePoint:
     @classmethod
     def parse(cls, text: str, field: str) -> "ShapePoint":
         """'IMAGESxHEIGHTxWIDTH' (e.g. 1x768x768) or 'IMAGESxSIZE'."""
-        m = re.fullmatch(r"\s*(\d+)x(\d+)(?:x(\d+))?\s*", str(text))
+        m = re.fullmatch(r"\s*(\d+)x(\d+)(?:x(\d+))?\s*", str(text), flags=re.IGNORECASE)
         if not m:
             raise Cones2Error(f"expected IMAGESxHEIGHTxWIDTH such as 1x768x768, got {text!r}", field)
         images, height = int(m.group(1)), int(m.group(2))
@@ -132,16 +132,6 @@ class Contract:
         return {t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)}
                 for t in self.inputs(static) if any(isinstance(a, str) for a in t.axes)}
 
-    def axis_minimums(self) -> dict[str, int]:
-        """Smallest legal value of each dynamic axis: one row, the smallest output size."""
-        unit = self.facts.size_unit
-        lows: dict[str, int] = {}
-        for spec in self.inputs():
-            for axis, value in zip(spec.axes, self.shapes(1, unit, unit)[spec.name]):
-                if isinstance(axis, str):
-                    lows[axis] = min(lows.get(axis, value), value)
-        return lows
-
     def point_shapes(self, point: ShapePoint) -> dict[str, Shape]:
         return self.shapes(point.images * self.rows_per_image, point.height, point.width)
 
@@ -153,12 +143,12 @@ class Contract:
     def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random inputs of the contract's shapes and dtypes (CPU), for export tracing and checks."""
         gen = torch.Generator().manual_seed(seed)
-        out = {}
-        for spec, (name, shape) in zip(self.inputs(), self.shapes(batch, height, width).items()):
+        shapes, out = self.shapes(batch, height, width), {}
+        for spec in self.inputs():
             if spec.dtype == "int64":
-                out[name] = torch.randint(0, 1000, shape, generator=gen)
+                out[spec.name] = torch.randint(0, 1000, shapes[spec.name], generator=gen)
             else:
-                out[name] = torch.randn(shape, generator=gen).to(getattr(torch, spec.dtype))
+                out[spec.name] = torch.randn(shapes[spec.name], generator=gen).to(getattr(torch, spec.dtype))
         return out
 
     def describe(self, static: tuple[int, int] | None = None) -> dict:

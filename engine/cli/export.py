@@ -6,28 +6,24 @@ vae_decoder.onnx and manifest.json, each checked and compared with PyTorch in ON
 """
 from __future__ import annotations
 
-import argparse
-
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export ONNX graphs / build TensorRT engines", description=__doc__)
     targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
 
-    o = targets.add_parser("onnx", help="export UNet, text encoder and VAE decoder to ONNX",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o = targets.add_parser("onnx", help="export UNet, text encoder and VAE decoder to ONNX")
     o.add_argument("--model", help="diffusers-layout SD checkpoint dir or hub id (default: the embedded model)")
     o.add_argument("--out", required=True, help="directory to write (must be new or empty)")
-    o.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 18 (default: 18)")
     o.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
-                   help="weights and activations; the layout rectification stays fp32 inside the graph")
+                   help="weights and activations (default: fp32); the layout rectification stays fp32 in the graph")
     o.add_argument("--static-shape", metavar="HxW", help="fix the output size in pixels (batch stays dynamic)")
     o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(run=run_onnx)
 
-    t = targets.add_parser("tensorrt", help="build TensorRT engines from an ONNX export",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = targets.add_parser("tensorrt", help="build TensorRT engines from an ONNX export")
     t.add_argument("--onnx", required=True, help="directory written by `export onnx`")
     t.add_argument("--out", required=True, help="directory to write (must be new or empty)")
     t.add_argument("--fp16", action="store_true",
@@ -36,7 +32,7 @@ def register(sub) -> None:
                             ("max", "4 images at 1.5x the training size")):
         t.add_argument(f"--{corner}", metavar="IMAGESxHxW", help=f"profile {corner} (default: {default})")
     t.add_argument("--flavour", default="tensorrt", choices=["tensorrt", "tensorrt-rtx"],
-                   help="classic TensorRT (data-centre GPUs) or TensorRT-RTX (RTX GPUs; builds without a GPU)")
+                   help="classic TensorRT (data-centre GPUs; default) or TensorRT-RTX (RTX GPUs; builds without a GPU)")
     t.add_argument("--models", help="comma-separated subset of unet,text_encoder,vae_decoder (default: all)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     t.add_argument("--no-progress", action="store_true")

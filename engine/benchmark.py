@@ -325,9 +325,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
-    for flag in ("steps", "warmup", "repeat"):
-        if getattr(args, flag) < (0 if flag == "warmup" else 1):
-            raise Cones2Error(f"must be positive, got {getattr(args, flag)}", flag)
+    for flag, low in (("steps", 1), ("warmup", 0), ("repeat", 1)):
+        if getattr(args, flag) < low:
+            raise Cones2Error(f"must be >= {low}, got {getattr(args, flag)}", flag)
     backends, skipped = resolve_backends(args.backends, device, args.onnx)
 
     if args.shape == "sd21":

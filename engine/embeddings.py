@@ -12,10 +12,14 @@ from .tokens import SEQ_LEN, SubjectTokens, prompt_token_ids
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """E(p) for each prompt: final hidden states after the final layer norm, (B, 77, D)."""
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], encode_ids=None) -> torch.Tensor:
+    """E(p) for each prompt: final hidden states after the final layer norm, (B, 77, D).
+
+    encode_ids: optional replacement for the PyTorch text encoder, ids (B, 77) -> (B, 77, D)
+    (a compiled runner's exported text encoder).
+    """
     ids = torch.tensor([prompt_token_ids(tokenizer, p) for p in prompts], device=text_encoder.device)
-    return text_encoder(ids)[0]
+    return encode_ids(ids) if encode_ids is not None else text_encoder(ids)[0]
 
 
 def add_residuals(cond: torch.Tensor, placements: list[tuple[SubjectTokens, Residual]]) -> torch.Tensor:

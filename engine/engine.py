@@ -218,7 +218,7 @@ class Engine:
         clock = _Clock(self.device, timings)
 
         with clock("prepare"), self._tokenizer_lock:
-            prepared = [self._prepare(r) for r in requests]
+            prepared = [self._prepare(r, runner) for r in requests]
         with clock("schedule"):
             sched = self.components.scheduler_config
             schedule = EulerSchedule.make(c0.steps, sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
@@ -230,7 +230,7 @@ class Engine:
             latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, progress=progress,
                              on_step=on_step, should_stop=should_stop)
         with clock("decode"):
-            pixels = self.decode(latents)
+            pixels = runner.decode(latents) if hasattr(runner, "decode") else self.decode(latents)
         timings["total"] = sum(timings.values())
         return [Generation(Image.fromarray(pixels[i]), latents[i : i + 1].cpu(), p.cond[None].float().cpu(), r,
                            dict(timings), p.tokens) for i, (r, p) in enumerate(zip(requests, prepared))]
@@ -239,12 +239,14 @@ class Engine:
         """Final latents (R, 4, h, w) -> uint8 images (R, H, W, 3)."""
         return decode_latents(self.vae, latents)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """E(p) for each prompt, (B, 77, D) in the model dtype."""
+    def encode(self, prompts: list[str], backend: str | None = None) -> torch.Tensor:
+        """E(p) for each prompt, (B, 77, D) in the model dtype. A compiled runner that carries its
+        own text encoder (`encode_ids`) is used for it, so the whole pipeline runs its graphs."""
+        encode_ids = getattr(self.runner(backend), "encode_ids", None)
         with self._tokenizer_lock:
-            return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+            return encode_prompts(self.text_encoder, self.tokenizer, prompts, encode_ids)
 
-    def _prepare(self, req: GenerationRequest) -> _Prepared:
+    def _prepare(self, req: GenerationRequest, runner) -> _Prepared:
         """Embeddings with residuals composed in, and the per-level weight maps, for one request."""
         ids = prompt_token_ids(self.tokenizer, req.prompt)
         explicit = req.subject_positions or {}
@@ -259,7 +261,8 @@ class Engine:
         for name in req.layout.names if req.layout else ():
             if name not in tokens:
                 tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout")
-        cond, uncond = self.encode([req.prompt, ""])
+        cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, ""],
+                                      getattr(runner, "encode_ids", None))
         cond = add_residuals(cond, [(tokens[n], r) for n, r in req.subjects.items()])
         weights = None
         if req.layout is not None:

@@ -112,6 +112,18 @@ class OrtUNetRunner:
         self.manifest = manifest
         self.model = _OrtModel(onnx_dir, UNetContract, engine.device, providers, manifest, threads)
         self.feeds = UNetFeeds(self.model.contract, manifest)
+        # The exported text encoder and VAE decoder run the rest of the pipeline (see Engine.encode).
+        self.text_encoder = OrtTextEncoder(onnx_dir, engine.device, providers)
+        self.vae_decoder = OrtVaeDecoder(onnx_dir, engine.device, providers)
+        self.dtype = engine.dtype
+
+    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """E(p) for token ids (B, 77), from the exported text encoder, in the engine's dtype."""
+        return self.text_encoder(input_ids.to(torch.int64)).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Final latents -> uint8 images (B, H, W, 3), from the exported VAE decoder."""
+        return self.vae_decoder(latents)
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor,

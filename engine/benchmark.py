@@ -219,8 +219,8 @@ def stage_times(engine, work: Workload, backends: list[str], args) -> list[dict]
         for name in [b for b in backends if b != "onnxruntime"] + [PAPER_STYLE]:
             runner = engine.runner(name)
             calls = 4 if name == PAPER_STYLE else 2
-            add(f"UNet guided step + self-recurrence [{name}]", lambda: (runner(x, t, emb, rect), runner(x, t, emb, rect)),
-                calls)
+            add(f"UNet guided step + self-recurrence [{name}]",
+                lambda: (runner(x, t, emb, rect), runner(x, t, emb, rect)), calls)
             add(f"UNet unguided step [{name}]", lambda: runner(x, t, emb, None), calls // 2)
         latents = torch.randn(1, engine.unet.config.in_channels, h, w, generator=torch.Generator().manual_seed(1))
         add("VAE decode", lambda: engine.decode(latents.to(dev)))
@@ -348,7 +348,7 @@ def run(args) -> int:
             backends.remove(name)
     if not backends:
         raise Cones2Error("no backend can run here", "backends")
-    engine._runners[PAPER_STYLE] = UnbatchedCfgRunner(engine.runner("reference"))
+    engine.add_runner(PAPER_STYLE, UnbatchedCfgRunner(engine.runner("reference")))
 
     resolution = args.resolution or engine.default_resolution
     work = Workload(engine, args.subjects, resolution, args.steps, args.guidance_steps)

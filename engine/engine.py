@@ -167,6 +167,11 @@ class Engine:
             h, w = (h + 1) // 2, (w + 1) // 2
         return shapes
 
+    def add_runner(self, name: str, runner) -> None:
+        """Make a custom UNet runner (`runner(sample, timestep, embeddings, rectification)`) available
+        as `backend=name` (benchmarks use this for the reference-implementation-style path)."""
+        self._runners[name] = runner
+
     def runner(self, backend: str | None = None, **options):
         """The UNet runner for `backend` (built once, then reused)."""
         name = backend or self.default_backend

@@ -126,7 +126,8 @@ def attention_cases(q, k, v, weight, coef, backends: list[str]) -> list[Attentio
         cases += [
             AttentionCase("triton guided (total)", lambda: rectified_cross_attention(q, k, v, weight, coef, scale)),
             AttentionCase("  triton std pre-pass", lambda: logit_std(q, k, coef)),
-            AttentionCase("  triton fused kernel", lambda: rectified_cross_attention(q, k, v, weight, coef, scale, sd=sd)),
+            AttentionCase("  triton fused kernel",
+                          lambda: rectified_cross_attention(q, k, v, weight, coef, scale, sd=sd)),
         ]
     if "cuda" in backends:
         from cones2.kernels import cuda_loader

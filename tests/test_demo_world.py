@@ -183,26 +183,32 @@ def test_full_recipe_fits_the_size_budget():
     assert 2 * params <= 25 * 10**6                                  # fp16 bytes
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(smoke_run, tmp_path):
+    """Stopped inside the unet stage (after vae and text finished), then resumed: every stage's
+    artefact equals the uninterrupted run's. Not bit for bit: oneDNN's CPU kernels round differently
+    depending on what ran before in the process (two identical fresh runs do agree bit for bit), which
+    moves weights by ~2e-5; skipping the optimizer restore moves them by ~7e-4, a wrong batch more."""
     from safetensors.torch import load_file
 
     from cones2_train.demo_world.loop import StageInterrupted
     from cones2_train.demo_world.recipe import Recipe
     from cones2_train.demo_world.train import train
 
-    torch.set_num_threads(1)
-    recipe = Recipe.smoke(vae_steps=4)
-    train(tmp_path / "a", recipe, "vae", progress=False)
+    recipe = Recipe.smoke()
+    stop_after = recipe.vae_steps + recipe.text_steps + 2
     calls = []
-    with pytest.raises(StageInterrupted):
-        train(tmp_path / "b", recipe, "vae", progress=False, should_stop=lambda: calls.append(1) or len(calls) >= 2)
+    with pytest.raises(StageInterrupted) as info:
+        train(tmp_path, recipe, progress=False, should_stop=lambda: calls.append(1) or len(calls) == stop_after)
+    assert (info.value.stage, info.value.step) == ("unet", 2)
     with pytest.raises(Cones2Error, match="--resume"):
-        train(tmp_path / "b", recipe, "vae", progress=False)
+        train(tmp_path, recipe, progress=False)
     with pytest.raises(Cones2Error, match="other recipe settings"):
-        train(tmp_path / "b", Recipe.smoke(vae_steps=4, vae_lr=1e-3), "vae", progress=False, resume=True)
-    train(tmp_path / "b", recipe, "vae", resume=True, progress=False)
-    a, b = (load_file(p / "stages" / "vae.safetensors") for p in (tmp_path / "a", tmp_path / "b"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        train(tmp_path, Recipe.smoke(unet_lr=1e-3), progress=False, resume=True)
+    train(tmp_path, recipe, resume=True, progress=False)
+    for stage in ("vae", "text", "unet"):
+        a, b = (load_file(p / "stages" / f"{stage}.safetensors") for p in (smoke_run[0], tmp_path))
+        assert a.keys() == b.keys(), stage
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-5, stage
 
 
 def test_cli_user_errors(tmp_path, capsys):

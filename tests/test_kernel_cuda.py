@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,8 @@ def built_library(tmp_path_factory) -> Path:
     """libcones2_rca.so built from this checkout by CMake (about 10-20 s on 2 cores)."""
     missing = [tool for tool in ("cmake", "nvcc") if shutil.which(tool) is None]
     if missing:
-        reason = f"{' and '.join(missing)} not found: the CUDA library cannot be built here"
-        print(f"SKIP: {reason}")
+        reason = f"{' and '.join(missing)} not found: the CUDA library is not built here"
+        warnings.warn(reason)  # shown in pytest's warnings summary, even with -q
         pytest.skip(reason)
     build = tmp_path_factory.mktemp("cuda-build")
     for cmd in (["cmake", "-S", str(REPO), "-B", str(build)], ["cmake", "--build", str(build), "-j2"]):

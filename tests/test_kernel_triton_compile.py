@@ -24,12 +24,17 @@ SCRIPT = textwrap.dedent("""
     FLOAT_POINTERS = {"w_ptr", "coef_ptr", "sd_ptr", "part_ptr"}
     CONSTEXPRS = {"HAS_WEIGHT", "F32_DOT", "BLOCK_D", "BLOCK_N", "BLOCK_M", "BLOCK_P"}
 
+    def arg_type(name, dtype):
+        if name in POINTERS:
+            return "*" + dtype
+        if name in FLOAT_POINTERS:
+            return "*fp32"
+        if name in CONSTEXPRS:
+            return "constexpr"
+        return {"meta_ptr": "*i32", "qk_scale": "fp32"}.get(name, "i32")
+
     def signature(fn, dtype):
-        sig = {}
-        for name in fn.arg_names:
-            sig[name] = ("*" + dtype if name in POINTERS else "*fp32" if name in FLOAT_POINTERS
-                         else "*i32" if name == "meta_ptr" else "constexpr" if name in CONSTEXPRS else "fp32" if name == "qk_scale" else "i32")
-        return sig
+        return {name: arg_type(name, dtype) for name in fn.arg_names}
 
     def build(kernel, dtype, consts, config, arch):
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel

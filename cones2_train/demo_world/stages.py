@@ -91,8 +91,9 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
 
 
 def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimizer, generator, step_fn,
-                ema: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict | None]:
-    """Resume if asked, run the steps, return (info, ema)."""
+                ema: dict[str, torch.Tensor] | None = None) -> dict:
+    """Resume if asked (weights, optimizer, generator and EMA are restored in place), run the steps,
+    return the loop's info."""
     r = run.recipe
     fp, ckpt = r.fingerprint(stage), run.checkpoint(stage)
     start, info = 0, {}
@@ -107,8 +108,9 @@ def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimi
             module.load_state_dict(unprefixed(prefix, state["weights"]))
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        if ema is not None and state["ema"] is not None:
-            ema = state["ema"]
+        if ema is not None:                                  # in place: the step function holds this dict
+            for k, v in state["ema"].items():
+                ema[k].copy_(v)
         start, info = state["step"], state["info"]
 
     def save(step, info_now):
@@ -118,9 +120,8 @@ def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimi
         save_state(ckpt, stage=stage, step=step, fingerprint=fp, weights=weights, optimizer=optimizer,
                    generator=generator, ema=ema, info=info_now)
 
-    info = run_steps(stage, start, r.steps(stage), step_fn, save, log_path=run.out / "log.jsonl", info=info,
+    return run_steps(stage, start, r.steps(stage), step_fn, save, log_path=run.out / "log.jsonl", info=info,
                      save_every=run.save_every, progress=run.progress, should_stop=run.should_stop)
-    return info, ema
 
 
 def _finish(run: Run, stage: str, tensors: dict[str, torch.Tensor], info: dict, **extra) -> dict:
@@ -159,7 +160,7 @@ def train_vae(run: Run) -> dict:
         optimizer.step()
         return {"l1": float(rec.detach()), "kl": float(kl.detach())}
 
-    info, _ = _stage_loop(run, "vae", {"vae": vae}, optimizer, generator, step)
+    info = _stage_loop(run, "vae", {"vae": vae}, optimizer, generator, step)
     vae.eval()
     scale = latent_scale(vae, r.seed, r.scale_samples)
     return _finish(run, "vae", prefixed("vae", vae), info, scaling_factor=scale)
@@ -205,7 +206,7 @@ def train_text(run: Run, table: CaptionTable) -> dict:
         optimizer.step()
         return {"colour_ce": float(c_loss.detach()), "pattern_ce": float(p_loss.detach())}
 
-    info, _ = _stage_loop(run, "text", {"text": te, "probes": probes}, optimizer, generator, step)
+    info = _stage_loop(run, "text", {"text": te, "probes": probes}, optimizer, generator, step)
     return _finish(run, "text", prefixed("text", te), info)
 
 
@@ -266,7 +267,7 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
                 ema[k].lerp_(v.detach(), 1 - decay)
         return {"mse": float(mse.detach()), "ground": float(ground.detach())}
 
-    info, ema = _stage_loop(run, "unet", modules, optimizer, generator, step, ema=ema)
+    info = _stage_loop(run, "unet", modules, optimizer, generator, step, ema=ema)
     return _finish(run, "unet", ema, info, ema_decay=r.ema_decay)
 
 
@@ -317,8 +318,8 @@ def export(run: Run, model_dir: Path | None = None) -> Path:
     vae.load_state_dict(unprefixed("vae", vae_weights))
     vae.register_to_config(scaling_factor=vae_meta["scaling_factor"])
     te = models.build_text_encoder(r, tokenizer)
-    te.load_state_dict(unprefixed("text", final), strict=False)
+    te.load_state_dict(unprefixed("text", final))
     unet = models.build_unet(r)
-    unet.load_state_dict(unprefixed("unet", final), strict=False)
+    unet.load_state_dict(unprefixed("unet", final))
     stages = {s: read_meta(run.artefact(s)) for s in STAGES}
     return models.write_model_dir(model_dir or run.out / "model", r, vae, te, unet, tokenizer, {"stages": stages})

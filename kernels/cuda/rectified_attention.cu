@@ -301,7 +301,8 @@ int cones2_rca_moments(int dtype, const void* q, const void* k, const float* coe
   if (!q || !k || !coef || !moments) return fail(CONES2_RCA_BAD_ARGUMENT, "q, k, coef and moments must not be NULL");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const cudaError_t err = cudaMemsetAsync(moments, 0, sizeof(double) * 2 * B, s);
-  if (err != cudaSuccess) return fail(CONES2_RCA_CUDA_ERROR, std::string("cudaMemsetAsync: ") + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    return fail(CONES2_RCA_CUDA_ERROR, std::string("cudaMemsetAsync: ") + cudaGetErrorString(err));
   switch (dtype) {
     case CONES2_RCA_F32: return launch_moments<float>(q, k, coef, dm, *strides, moments, s);
     case CONES2_RCA_F16: return launch_moments<__half>(q, k, coef, dm, *strides, moments, s);
@@ -317,7 +318,8 @@ int cones2_rca_forward(int dtype, const void* q, const void* k, const void* v, c
   if (!q || !k || !v || !out) return fail(CONES2_RCA_BAD_ARGUMENT, "q, k, v and out must not be NULL");
   if (weight && (!coef || !moments))
     return fail(CONES2_RCA_BAD_ARGUMENT, "coef and moments are required when weight is given");
-  if (!(scale > 0.f) || !std::isfinite(scale)) return fail(CONES2_RCA_BAD_ARGUMENT, "scale must be positive and finite");
+  if (!(scale > 0.f) || !std::isfinite(scale))
+    return fail(CONES2_RCA_BAD_ARGUMENT, "scale must be positive and finite");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case CONES2_RCA_F32: return launch_forward<float>(q, k, v, weight, coef, moments, out, dm, scale, *strides, s);

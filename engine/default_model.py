@@ -44,7 +44,10 @@ def build_tiny_model(out_dir: str | os.PathLike, *, prediction_type: str = "v_pr
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from .loading import quiet_library_logging
     from .tokenizer_data import build_clip_tokenizer
+
+    quiet_library_logging()
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

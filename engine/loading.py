@@ -90,7 +90,7 @@ def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_checkpoint(path_or_id)
-    _quiet_loading()
+    quiet_library_logging()
     scheduler_config = json.loads((root / "scheduler/scheduler_config.json").read_text())
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
@@ -114,7 +114,7 @@ def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: 
     return Components(tokenizer, text_encoder, unet, vae, scheduler_config, str(root), model_id(root))
 
 
-def _quiet_loading() -> None:
+def quiet_library_logging() -> None:
     """The libraries' weight-loading bars and notices go to stderr, which is reserved for our one-line
     errors; the engine reports its own progress."""
     import diffusers.utils.logging as dlog

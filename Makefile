@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# Two-subject, layout-guided generation on the embedded default model -> out/demo.png (+ preview).
+# Three-subject, layout-guided generation on the embedded demo model, with a trained residual
+# (the striped star) -> out/demo.png + out/demo.preview.png (layout drawn over the image).
+DEMO_RESIDUAL := engine/data/demo_model/residuals/striped_star.safetensors
 demo: setup
-	$(CLI) generate --prompt "a dog and a mug on the beach" \
-		--box dog=0.05,0.35,0.5,0.95 --box mug=0.55,0.45,0.95,0.95 \
-		--steps 20 --seed 0 --out out/demo.png --preview --no-progress
+	$(CLI) generate --prompt "a star and a blue ring and a green heart on a sand background" \
+		--subject star=$(DEMO_RESIDUAL) \
+		--box star=0.05,0.05,0.45,0.45 --box ring=0.55,0.5,0.95,0.9 --box heart=0.05,0.55,0.45,0.95 \
+		--steps 30 --seed 0 --out out/demo.png --preview --no-progress
 
 # The CI suite (CPU; Triton kernels run under the interpreter).
 test: setup

@@ -40,12 +40,13 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=30, help="sampling steps")
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=16, help="requests per sampling loop")
-    p.add_argument("--residual-steps", type=int, default=400)
-    p.add_argument("--residual-lr", type=float, default=1e-3)
+    p.add_argument("--residual-steps", type=int, default=300)
+    p.add_argument("--residual-lr", type=float, default=3e-4)
     p.add_argument("--residual-prompts", type=int, default=40, help="generations per residual setting")
     p.add_argument("--no-residuals", action="store_true")
     p.add_argument("--residual-dir", help="also save the trained residuals here")
-    p.add_argument("--quick", action="store_true", help="small subset: counts 2,3; 3 prompts; 4 steps; 3 residual steps")
+    p.add_argument("--quick", action="store_true",
+                   help="small subset: counts 2,3; 3 prompts; 4 steps; 3 residual steps")
     p.add_argument("--oracle", action="store_true", help="score renders of the prompts' own scenes (no model)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="write the results here")
@@ -173,7 +174,8 @@ def evaluate_residuals(source, engine, args, templates_dir: Path) -> dict:
     boxes = {kinds[0]: COMPOSE_BOXES["left"], kinds[1]: COMPOSE_BOXES["right"]}
     comp = {}
     for label, subjects in (("without", {}), ("with", {k: residuals[k] for k in kinds})):
-        jobs = [(f"a {kinds[0]} and a {kinds[1]} on a {backgrounds[i % len(backgrounds)]} background", subjects, boxes, i)
+        prompt = f"a {kinds[0]} and a {kinds[1]} on a {{}} background"
+        jobs = [(prompt.format(backgrounds[i % len(backgrounds)]), subjects, boxes, i)
                 for i in range(args.residual_prompts)]
         images = source.prompts(jobs)
         per = {name: [score_instance(im, inst).exact for im in images] for name, inst in INSTANCES.items()}
@@ -185,7 +187,8 @@ def evaluate_residuals(source, engine, args, templates_dir: Path) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------------------
 def format_tables(results: dict) -> str:
-    lines = ["| subjects | prompts | fidelity w/o guidance | fidelity with | layout w/o guidance | layout with | chance |",
+    lines = ["| subjects | prompts | fidelity w/o guidance | fidelity with | layout w/o guidance | layout with "
+             "| chance |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for n, row in results["layout"].items():
         u, g = row["unguided"], row["guided"]
@@ -193,7 +196,8 @@ def format_tables(results: dict) -> str:
                      f"{g['layout']:.3f} | {row['chance']:.3f} |")
     res = results.get("residuals")
     if res:
-        lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with | exact instance w/o / with |",
+        lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with "
+                  "| exact instance w/o / with |",
                   "|---|---:|---:|---:|---:|"]
         for name in INSTANCES:
             w, r = res[name]["without"], res[name]["with"]

@@ -49,7 +49,7 @@ def save_checkpoint(root: str | os.PathLike, state: CheckpointState, keep: int |
     target = step_dir(root, state.step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        opt_tensors, opt_json = _split_optimizer(state.optimizer)
+        opt_tensors, opt_json = split_optimizer_state(state.optimizer)
         encoder = {k: v.detach().cpu().contiguous() for k, v in state.text_encoder.items()}
         save_file(encoder, tmp / "text_encoder.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -96,7 +96,7 @@ def load_checkpoint(path: str | os.PathLike, field: str = "resume") -> Checkpoin
         latents = load_file(p / "latents.safetensors")
     except (OSError, SafetensorError, json.JSONDecodeError, AttributeError) as exc:
         raise Cones2Error(f"cannot read checkpoint {p}: {type(exc).__name__}: {exc}", field) from None
-    optimizer = _join_optimizer(opt_tensors, doc["optimizer"])
+    optimizer = join_optimizer_state(opt_tensors, doc["optimizer"])
     return CheckpointState(int(doc["step"]), doc["info"], te, optimizer, rng, latents, doc.get("scaler"))
 
 
@@ -104,7 +104,7 @@ def _step_dirs(root: Path) -> list[Path]:
     return [d for d in root.iterdir() if d.is_dir() and STEP_DIR.fullmatch(d.name) and (d / "state.json").is_file()]
 
 
-def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """torch optimizer state_dict -> ({"<param>.<key>": tensor}, JSON part)."""
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
@@ -117,7 +117,7 @@ def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], doc: dict) -> dict:
+def join_optimizer_state(tensors: dict[str, torch.Tensor], doc: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in list(tensors.items()) + list(doc.get("scalars", {}).items()):
         idx, _, key = name.partition(".")

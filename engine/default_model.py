@@ -1,9 +1,12 @@
-"""The embedded default model: a tiny Stable-Diffusion-shaped model built deterministically.
+"""The embedded default model, used wherever no `--model` is given.
 
-Randomly initialised from fixed seeds (its pictures are noise), cached under the user cache
-directory in diffusers layout, so `make demo`, the tests and `generate` without `--model` work
-offline. It exercises every code path a real SD 2.x checkpoint does: v-prediction, CLIP BPE
-tokenizer padding with "!", cross-attention at several resolutions including the mid block.
+In order: `$CONES2_DEFAULT_MODEL` (a diffusers directory), else the demo model shipped inside the
+package (`data/demo_model`, trained by `cones2_train.demo_world`, docs/demo_model.md), else a tiny
+Stable-Diffusion-shaped model with random weights (its pictures are noise), built
+deterministically and cached under the user cache directory. The tiny random model exercises every
+code path a real SD 2.x checkpoint does (v-prediction, CLIP BPE tokenizer padding with "!",
+cross-attention at several resolutions including the mid block); the tests build it with
+`build_tiny_model`.
 """
 from __future__ import annotations
 
@@ -27,8 +30,26 @@ def cache_root() -> Path:
     return Path(base) / "cones2-engine"
 
 
+def shipped_demo_model() -> Path | None:
+    """The trained demo model inside the package, or None when this build does not carry it."""
+    from importlib import resources
+
+    path = Path(str(resources.files("cones2").joinpath("data/demo_model")))
+    return path if (path / "model_index.json").is_file() else None
+
+
 def default_model_dir() -> Path:
-    """Path of the embedded default model, built on first use."""
+    """Path of the embedded default model (see the module docstring for the order)."""
+    if os.environ.get("CONES2_DEFAULT_MODEL"):
+        return Path(os.environ["CONES2_DEFAULT_MODEL"])
+    shipped = shipped_demo_model()
+    if shipped is not None:
+        return shipped
+    return tiny_model_dir()
+
+
+def tiny_model_dir() -> Path:
+    """The tiny random model in the user cache, built on first use."""
     target = cache_root() / TINY_VERSION
     if not (target / "model_index.json").is_file():
         build_tiny_model(target)

@@ -30,9 +30,14 @@ def png_info(parameters: dict) -> PngInfo:
     return info
 
 
+PREVIEW_MIN_SIDE = 256
+
+
 def draw_layout(image: Image.Image, masks: dict[str, torch.Tensor]) -> Image.Image:
-    """The image with each subject's region outlined and tinted in its own colour, labelled."""
-    base = image.convert("RGBA")
+    """The image with each subject's region outlined and tinted in its own colour, labelled.
+    Small images are enlarged (nearest, integer factor) so labels stay readable."""
+    factor = max(1, -(-PREVIEW_MIN_SIDE // min(image.size)))
+    base = image.convert("RGBA").resize((image.width * factor, image.height * factor), Image.NEAREST)
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     for idx, (name, mask) in enumerate(masks.items()):

@@ -12,9 +12,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep the embedded default model of the test session out of the user's cache."""
+    """Keep the test session out of the user's cache, and pin the default model to the tiny random
+    one: the suite checks mechanics and numerics fast on it; the shipped demo model has its own
+    end-to-end tests (tests/test_demo_world.py)."""
     if "CONES2_CACHE" not in os.environ:
         os.environ["CONES2_CACHE"] = str(tmp_path_factory.mktemp("cones2-cache"))
+    from cones2.default_model import tiny_model_dir
+
+    os.environ["CONES2_DEFAULT_MODEL"] = str(tiny_model_dir())
     yield
 
 

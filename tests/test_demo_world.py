@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,15 @@ def test_ground_truth_boxes_match_rendered_pixels():
         for x0, y0, x1, y1 in s.boxes:
             inside[y0:y1, x0:x1] = True
             ys, xs = np.nonzero(differs[y0:y1, x0:x1])
-            assert xs.min() <= 1 and ys.min() <= 1 and xs.max() >= x1 - x0 - 2 and ys.max() >= y1 - y0 - 2, (i, s.caption)
+            assert xs.min() <= 1 and ys.min() <= 1, (i, s.caption)
+            assert xs.max() >= x1 - x0 - 2 and ys.max() >= y1 - y0 - 2, (i, s.caption)
         assert not (differs & ~inside).any()
 
 
 # ---- the detector ------------------------------------------------------------------------------------------
 def test_detector_finds_exactly_the_rendered_objects():
-    cases = [make_scene(2, i, PATTERNED) for i in range(50)] + [instance_scene(n, 0, i) for n in INSTANCES for i in range(3)]
+    cases = [make_scene(2, i, PATTERNED) for i in range(50)]
+    cases += [instance_scene(n, 0, i) for n in INSTANCES for i in range(3)]
     for s in cases:
         found = detector.detect(s.render())
         got = sorted((d.colour, d.kind, d.pattern, d.second) for d in found)
@@ -126,17 +129,22 @@ def test_grounding_loss_against_direct_computation():
     positions = torch.tensor([[3, 7], [5, 0]])
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], [[0.25, 0.0, 1.0, 0.75], [0, 0, 1, 1]]])
     valid = torch.tensor([[True, True], [True, False]])
-    got = grounding_loss([probs], positions, boxes, valid)
-    terms = []
+    token, pixel = grounding_loss([probs], positions, boxes, valid)
+    token_terms, pixel_terms = [], []
     for b, j in ((0, 0), (0, 1), (1, 0)):
         a = probs[b, :, positions[b, j]].reshape(4, 4)
-        x0, y0, x1, y1 = (int(v * 4) for v in boxes[b, j].tolist())            # boxes on the 4x4 grid
-        terms.append((1 - a[y0:y1, x0:x1].sum() / a.sum()) ** 2)
-    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-6)
-    inside_only = torch.zeros(1, 16, 77)
-    inside_only[0, :, 0] = 1.0
-    inside_only[0, [0, 1, 4, 5], 3] = 1.0
-    assert float(grounding_loss([inside_only], torch.tensor([[3]]), boxes[:1, :1], torch.tensor([[True]]))) < 1e-9
+        x0, y0, x1, y1 = (int(v * 4) for v in boxes[b, j].tolist())            # boxes on whole cells
+        token_terms.append((1 - a[y0:y1, x0:x1].sum() / a.sum()) ** 2)
+        pixel_terms.append(((1 - a[y0:y1, x0:x1]) ** 2).mean())
+    assert torch.allclose(token, torch.stack(token_terms).mean(), atol=1e-6)
+    assert torch.allclose(pixel, torch.stack(pixel_terms).mean(), atol=1e-6)
+    # all of the word's attention inside its box, all of the box's attention on the word: both zero
+    ideal = torch.zeros(1, 16, 77)
+    ideal[0, :, 0] = 1.0
+    ideal[0, [0, 1, 4, 5], 0] = 0.0
+    ideal[0, [0, 1, 4, 5], 3] = 1.0
+    token, pixel = grounding_loss([ideal], torch.tensor([[3]]), boxes[:1, :1], torch.tensor([[True]]))
+    assert float(token) < 1e-9 and float(pixel) < 1e-9
 
 
 # ---- training -------------------------------------------------------------------------------------------------
@@ -263,3 +271,32 @@ def test_instance_folder_and_templates(tmp_path):
     assert len(list(folder.glob("*.png"))) == 5
     templates = load_templates(str(folder / "templates.txt"))
     assert len(templates) == 64 and all("ring" not in t for t in templates)
+
+
+# ---- the trained model (once it exists) -------------------------------------------------------------------
+def _shipped_demo_model() -> str | None:
+    from cones2.default_model import shipped_demo_model
+
+    path = shipped_demo_model()
+    return str(path) if path else None
+
+
+TRAINED = os.environ.get("CONES2_DEMO_MODEL") or _shipped_demo_model()
+
+
+@pytest.mark.skipif(not TRAINED, reason="no shipped demo model in this build; set CONES2_DEMO_MODEL to a trained one")
+def test_trained_model_puts_each_colour_in_its_box():
+    """Layout-guided generations on a fixed seed set show each subject's colour inside its box.
+    The few-step smoke model scores 0.125 here; the development snapshot after 1100 UNet steps
+    (bench/results/quality.md) scores 0.75."""
+    import cones2
+    from cones2_train.demo_world.metrics import eval_scene, layout_boxes, score_scene, summarize
+
+    torch.set_num_threads(1)
+    engine = cones2.Engine.from_pretrained(TRAINED)
+    scenes = [eval_scene(i, 2) for i in range(8)]
+    reqs = [engine.request(s.caption, None, cones2.Layout.from_boxes(layout_boxes(s)), seed=i, steps=20)
+            for i, s in enumerate(scenes)]
+    images = [g.image for g in engine.generate_batch(reqs, progress=False)]
+    scores = [x for s, im in zip(scenes, images) for x in score_scene(im, s, layout_boxes(s))]
+    assert summarize(scores)["layout"] >= 0.6

@@ -82,7 +82,8 @@ def object_weights(scene_list: list[Scene], pixels: torch.Tensor, object_weight:
 
 
 @torch.no_grad()
-def encode_latents(vae, seed: int, count: int, batch: int = 256, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae, seed: int, count: int, batch: int = 256,
+                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Render scenes 0..count-1 of `seed` and encode them: posterior (mean, std), each (N, C, h, w)."""
     means, stds = [], []
     for start in tqdm(range(0, count, batch), desc="encode dataset", unit="batch", disable=not progress):

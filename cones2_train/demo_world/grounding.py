@@ -4,8 +4,10 @@ Layout guidance (SPEC 3) works by rectifying the cross-attention of the subject'
 only move an object if the model draws that object through its word's attention. During training
 the UNet's cross-attention probabilities at the 8x8 and 4x4 levels are recorded, and a token loss in
 the spirit of TokenCompose (Wang et al., 2024) pulls the attention mass of every kind word into its
-object's ground-truth box: L = mean over objects and layers of (1 - share of the word's attention
-that falls inside the box)^2. The processor is training-only; the shipped UNet is plain diffusers.
+object's ground-truth box (token loss), and a pixel loss makes the box's cells attend to that word,
+so the object's content flows through the word that guidance rectifies (not through the padding
+tokens, which see the whole caption too). The processor is training-only; the shipped UNet is plain
+diffusers.
 """
 from __future__ import annotations
 
@@ -62,13 +64,19 @@ def box_coverage(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def grounding_loss(maps: list[torch.Tensor], positions: torch.Tensor, boxes: torch.Tensor,
-                   valid: torch.Tensor) -> torch.Tensor:
-    """Token loss over recorded layers. maps: [(B, N, 77)] head-averaged attention probabilities;
-    positions: (B, J) token position of each object's kind word; boxes: (B, J, 4) normalised;
-    valid: (B, J) bool (objects that exist and whose caption was kept)."""
+                   valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token loss, pixel loss), each averaged over recorded layers and valid objects.
+
+    maps: [(B, N, 77)] head-averaged attention probabilities; positions: (B, J) token position of
+    each object's kind word; boxes: (B, J, 4) normalised; valid: (B, J) bool (objects that exist and
+    whose caption was kept). Token loss: (1 - share of the word's attention mass inside its box)^2.
+    Pixel loss: mean over the box's cells (weighted by coverage) of (1 - the cell's attention to the
+    word)^2, so that an object's cells take its content from its word, which layout guidance steers.
+    """
+    zero = boxes.new_zeros(())
     if not maps or not bool(valid.any()):
-        return boxes.new_zeros(())
-    total = boxes.new_zeros(())
+        return zero, zero
+    token, pixel = zero, zero
     weight = valid.to(boxes.dtype)
     for probs in maps:
         n = probs.shape[1]
@@ -77,5 +85,7 @@ def grounding_loss(maps: list[torch.Tensor], positions: torch.Tensor, boxes: tor
         index = positions[:, None, :].expand(-1, n, -1)                                 # (B, N, J)
         word = probs.gather(2, index).transpose(1, 2)                                   # (B, J, N)
         inside = (word * cover).sum(-1) / word.sum(-1).clamp(min=1e-8)                 # (B, J)
-        total = total + (((1 - inside) ** 2) * weight).sum() / weight.sum()
-    return total / len(maps)
+        token = token + (((1 - inside) ** 2) * weight).sum() / weight.sum()
+        per_cell = (cover * (1 - word) ** 2).sum(-1) / cover.sum(-1).clamp(min=1e-8)     # (B, J)
+        pixel = pixel + (per_cell * weight).sum() / weight.sum()
+    return token / len(maps), pixel / len(maps)

@@ -81,7 +81,8 @@ def run_steps(stage: str, start: int, total: int, step_fn: Callable[[int], dict[
                 means = {k: v / count for k, v in sums.items()}
                 info["losses"] = means
                 bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
-                log.write(json.dumps({"stage": stage, "step": step, "seconds": round(info["seconds"], 2), **means}) + "\n")
+                entry = {"stage": stage, "step": step, "seconds": round(info["seconds"], 2), **means}
+                log.write(json.dumps(entry) + "\n")
                 log.flush()
                 sums, count = {}, 0
             stop = sigint.requested or (should_stop is not None and should_stop())

@@ -23,13 +23,16 @@ class Recipe:
     Architecture: `vae_channels` (4 blocks: 64 px -> 8x8 latents), `latent_channels`; `text_width`,
     `text_layers`, `text_heads` of the CLIP text encoder (full 49408-token CLIP vocabulary);
     `unet_channels` (3 levels: 8x8 and 4x4 with cross-attention, 2x2 without; the mid block has it),
-    `unet_heads` (attention heads per level). Stages, each with steps, batch size and peak learning rate:
-    vae (reconstruction L1 on object-weighted pixels + KL; the latent scaling factor is measured on
-    `scale_samples` held-out scenes), text (a warm-up that teaches the causal
-    encoder to carry each object's colour and pattern on its kind word), unet (text encoder + UNet
-    jointly: v-prediction loss + `grounding_weight` * token-grounding loss on the kind words'
-    cross-attention at 8x8 and 4x4). `dataset_size` scenes are rendered and encoded once for the
-    unet stage; `caption_dropout` of their captions are replaced by "" (for classifier-free guidance).
+    `unet_heads` (attention heads per level).
+
+    Stages, each with steps, batch size and peak learning rate: vae (reconstruction L1 on
+    object-weighted pixels + KL; the latent scaling factor is measured on `scale_samples` held-out
+    scenes); text (a warm-up that teaches the causal encoder to carry each object's colour and
+    pattern on its kind word); unet (text encoder + UNet jointly: v-prediction loss +
+    `grounding_weight` * token loss + `pixel_weight` * pixel loss on the kind words'
+    cross-attention at 8x8 and 4x4, see grounding.py). `dataset_size` scenes are rendered and
+    encoded once for the unet stage; `caption_dropout` of their captions are replaced by "" (for
+    classifier-free guidance).
     """
 
     seed: int = 0
@@ -43,7 +46,7 @@ class Recipe:
     unet_heads: tuple[int, int, int] = (2, 4, 4)
     prediction_type: str = "v_prediction"
     # vae stage
-    vae_steps: int = 2500
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
@@ -54,11 +57,12 @@ class Recipe:
     text_batch: int = 128
     text_lr: float = 2e-3
     # unet stage
-    unet_steps: int = 4000
+    unet_steps: int = 8000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_lr_joint: float = 2e-4
     grounding_weight: float = 0.5
+    pixel_weight: float = 0.5
     caption_dropout: float = 0.1
     dataset_size: int = 40_000
     ema_decay: float = 0.999
@@ -81,7 +85,8 @@ class Recipe:
     def smoke(cls, **overrides) -> "Recipe":
         """A few steps of everything on small batches: for tests, not for pictures."""
         base = dict(vae_steps=3, vae_batch=4, text_steps=3, text_batch=8, unet_steps=3, unet_batch=4,
-                    dataset_size=16, scale_samples=16, warmup_steps=1, vae_channels=(8, 8, 8, 8), unet_channels=(32, 32, 32),
+                    dataset_size=16, scale_samples=16, warmup_steps=1, vae_channels=(8, 8, 8, 8),
+                    unet_channels=(32, 32, 32),
                     text_width=32, text_layers=1, text_heads=2)
         return cls(**{**base, **overrides})
 
@@ -111,6 +116,6 @@ COMMON_KEYS = ("seed", "vae_channels", "latent_channels", "text_width", "text_la
 STAGE_KEYS = {
     "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "vae_object_weight", "scale_samples"),
     "text": ("text_steps", "text_batch", "text_lr"),
-    "unet": ("unet_steps", "unet_batch", "unet_lr", "text_lr_joint", "grounding_weight", "caption_dropout",
-             "dataset_size", "ema_decay"),
+    "unet": ("unet_steps", "unet_batch", "unet_lr", "text_lr_joint", "grounding_weight", "pixel_weight",
+             "caption_dropout", "dataset_size", "ema_decay"),
 }

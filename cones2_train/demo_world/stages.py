@@ -251,12 +251,12 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
         ac = alphas[t].view(-1, 1, 1, 1)
         noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
         target = noise if r.prediction_type == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * latents
-        recorder.recording = r.grounding_weight > 0
+        recorder.recording = r.grounding_weight > 0 or r.pixel_weight > 0
         pred = unet(noisy, t, te(ids)[0]).sample
         recorder.recording = False
         mse = F.mse_loss(pred, target)
-        ground = grounding_loss(recorder.take(), positions, table.boxes[idx], valid)
-        loss = mse + r.grounding_weight * ground
+        token, pixel = grounding_loss(recorder.take(), positions, table.boxes[idx], valid)
+        loss = mse + r.grounding_weight * token + r.pixel_weight * pixel
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(live.values()), r.grad_clip)
@@ -265,7 +265,7 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
             decay = min(r.ema_decay, (1 + i) / (10 + i))
             for k, v in live.items():
                 ema[k].lerp_(v.detach(), 1 - decay)
-        return {"mse": float(mse.detach()), "ground": float(ground.detach())}
+        return {"mse": float(mse.detach()), "token": float(token.detach()), "pixel": float(pixel.detach())}
 
     info = _stage_loop(run, "unet", modules, optimizer, generator, step, ema=ema)
     return _finish(run, "unet", ema, info, ema_decay=r.ema_decay)
@@ -282,7 +282,8 @@ def alphas_cumprod() -> torch.Tensor:
 def dataset_latents(run: Run, vae_weights: dict, vae_meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, std) of dataset scenes 0..N-1, cached per (VAE artefact, N, seed)."""
     r = run.recipe
-    path = run.out / "cache" / f"latents-{r.seed}-{r.dataset_size}-{vae_meta['fingerprint']}-{vae_meta['steps']}.safetensors"
+    name = f"latents-{r.seed}-{r.dataset_size}-{vae_meta['fingerprint']}-{vae_meta['steps']}.safetensors"
+    path = run.out / "cache" / name
     if path.is_file():
         t = load_file(path)
         return t["mean"], t["std"]

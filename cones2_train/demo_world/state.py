@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cones2 import Cones2Error
+from cones2_train.checkpoint import join_optimizer_state, split_optimizer_state
 
 FORMAT = "cones2-demo-world-state/1"
 
@@ -32,7 +33,7 @@ def save_state(folder: str | os.PathLike, *, stage: str, step: int, fingerprint:
         save_file(_contiguous(weights), tmp / "weights.safetensors")
         if ema is not None:
             save_file(_contiguous(ema), tmp / "ema.safetensors")
-        opt_tensors, opt_doc = _split_optimizer(optimizer.state_dict())
+        opt_tensors, opt_doc = split_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
         doc = {"format": FORMAT, "stage": stage, "step": step, "fingerprint": fingerprint, "optimizer": opt_doc,
@@ -65,32 +66,10 @@ def load_state(folder: str | os.PathLike, stage: str, fingerprint: str) -> dict:
         "step": int(doc["step"]), "info": doc.get("info", {}),
         "weights": load_file(folder / "weights.safetensors"),
         "ema": load_file(ema_path) if ema_path.is_file() else None,
-        "optimizer": _join_optimizer(load_file(folder / "optimizer.safetensors"), doc["optimizer"]),
+        "optimizer": join_optimizer_state(load_file(folder / "optimizer.safetensors"), doc["optimizer"]),
         "generator": load_file(folder / "rng.safetensors")["generator"],
     }
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict -> ({"<param>.<key>": tensor}, the JSON-able rest)."""
-    tensors, scalars = {}, {}
-    for idx, entry in sd["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _join_optimizer(tensors: dict[str, torch.Tensor], doc: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(doc["scalars"].items()):
-        idx, _, key = name.partition(".")
-        state.setdefault(int(idx), {})[key] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in doc["param_groups"]]
-    return {"state": state, "param_groups": groups}

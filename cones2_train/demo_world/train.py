@@ -2,7 +2,7 @@
 
     python -m cones2_train.demo_world.train --out runs/demo              # all stages, then OUT/model
     python -m cones2_train.demo_world.train --out runs/demo --resume     # continue after Ctrl-C
-    python -m cones2_train.demo_world.train --out runs/demo --stage unet --steps 6000 --resume   # extend
+    python -m cones2_train.demo_world.train --out runs/demo --stage unet --steps 10000 --resume  # extend
 
 Stages run in order vae -> text -> unet; a finished stage (same recipe and step count) is skipped.
 `OUT/model` is the diffusers directory `cones2.Engine.from_pretrained` loads. Exit codes: 0 done,
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageInterrupted as exc:
         print(str(exc), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:                    # outside a step loop (building the dataset caches)
+        print("interrupted before a stage's steps began; nothing to save (caches are written whole or not at all)",
+              file=sys.stderr)
         return 130
     for name in STAGES:
         if name in summary:

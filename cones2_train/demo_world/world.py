@@ -50,7 +50,7 @@ class WorldConfig:
     gap: int = 2
     margin: int = 1
     p_pattern: float = 0.2
-    p_omit_colour: float = 0.1
+    p_omit_colour: float = 0.2
     p_omit_background: float = 0.15
 
 
@@ -290,7 +290,8 @@ def _unit(points):
 
 _STAR = _unit([((1.0 if i % 2 == 0 else STAR_INNER) * math.cos(math.radians(-90 + 36 * i)),
                 (1.0 if i % 2 == 0 else STAR_INNER) * math.sin(math.radians(-90 + 36 * i))) for i in range(10)])
-_HEART = _unit([(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+_HEART = _unit([(16 * math.sin(t) ** 3,
+                 -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
                 for t in np.linspace(0, 2 * math.pi, 96, endpoint=False)])
 
 

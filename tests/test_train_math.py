@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cones2 import Cones2Error
-from cones2_train.checkpoint import _join_optimizer, _split_optimizer
+from cones2_train.checkpoint import join_optimizer_state, split_optimizer_state
 from cones2_train.data import to_pixels
 from cones2_train.objective import DenoisingObjective
 from cones2_train.regularizer import embedding_preservation
@@ -133,8 +133,8 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
     p.grad = torch.randn(3, 2)
     opt.step()
     sd = opt.state_dict()
-    tensors, doc = _split_optimizer(sd)
-    back = _join_optimizer(tensors, json.loads(json.dumps(doc)))
+    tensors, doc = split_optimizer_state(sd)
+    back = join_optimizer_state(tensors, json.loads(json.dumps(doc)))
     opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=5.0)
     opt2.load_state_dict(back)
     s1, s2 = opt.state_dict(), opt2.state_dict()

@@ -11,15 +11,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cones2 import Cones2Error
+from cones2.atomic import atomic_directory
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from cones2 import Cones2Error
 
 FORMAT = "cones2-train-checkpoint/1"
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -47,8 +46,7 @@ def save_checkpoint(root: str | os.PathLike, state: CheckpointState, keep: int |
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target = step_dir(root, state.step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(target) as tmp:
         opt_tensors, opt_json = split_optimizer_state(state.optimizer)
         encoder = {k: v.detach().cpu().contiguous() for k, v in state.text_encoder.items()}
         save_file(encoder, tmp / "text_encoder.safetensors")
@@ -57,12 +55,6 @@ def save_checkpoint(root: str | os.PathLike, state: CheckpointState, keep: int |
         save_file({k: v.cpu().contiguous() for k, v in state.latents.items()}, tmp / "latents.safetensors")
         doc = {"format": FORMAT, "step": state.step, "info": state.info, "optimizer": opt_json, "scaler": state.scaler}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep is not None:
         for old in sorted(_step_dirs(root))[:-keep]:
             if old != target:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from cones2.atomic import atomic_directory
+from cones2.loading import quiet_library_logging
 
 from .recipe import DEMO_VERSION, Recipe
 from .world import IMAGE_SIZE
@@ -74,11 +74,10 @@ def write_model_dir(out_dir: str | os.PathLike, recipe: Recipe, vae, text_encode
     """Write the diffusers-layout directory (fp16 safetensors) atomically; replaces `out_dir`."""
     from diffusers import EulerDiscreteScheduler
 
-    _quiet_libraries()
+    quiet_library_logging()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
             _half_copy(module).save_pretrained(tmp / name, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -90,23 +89,8 @@ def write_model_dir(out_dir: str | os.PathLike, recipe: Recipe, vae, text_encode
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         }, indent=2))
         (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), **(info or {})}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
-
-def _quiet_libraries() -> None:
-    """The libraries' save-time notices and shard bars would bury our own progress output."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    for lib in (dlog, tlog):
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
 
 
 def _half_copy(module):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from cones2 import Cones2Error
+from cones2.atomic import atomic_directory
 from safetensors.torch import load_file, save_file
 
-from cones2 import Cones2Error
 from cones2_train.checkpoint import join_optimizer_state, split_optimizer_state
 
 FORMAT = "cones2-demo-world-state/1"
@@ -28,8 +27,7 @@ def save_state(folder: str | os.PathLike, *, stage: str, step: int, fingerprint:
     """Write `folder` atomically (replacing any previous checkpoint there)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(folder) as tmp:
         save_file(_contiguous(weights), tmp / "weights.safetensors")
         if ema is not None:
             save_file(_contiguous(ema), tmp / "ema.safetensors")
@@ -39,12 +37,6 @@ def save_state(folder: str | os.PathLike, *, stage: str, step: int, fingerprint:
         doc = {"format": FORMAT, "stage": stage, "step": step, "fingerprint": fingerprint, "optimizer": opt_doc,
                "info": info or {}}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

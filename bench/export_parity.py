@@ -1,21 +1,24 @@
 """Torch (`sdpa`) vs `onnxruntime` backend: latency and parity of a layout-guided generation,
 measured in one run on this machine (runs alternate between the backends to share the noise).
 
-    .venv/bin/python bench/export_parity.py --onnx out/onnx [--size 128 --steps 8 --repeats 5]
+    .venv/bin/python bench/export_parity.py --onnx out/onnx [--size 128 --steps 8 --repeats 5] [--json out.json]
 
 Without --onnx the embedded model is exported to a temporary directory first (not timed).
 Prints a markdown table: median wall seconds of the sampling loop and of one UNet call (batch 2,
-guided), the torch/onnxruntime ratio, and the max abs difference of the final latents.
+guided), the torch/onnxruntime ratio, and the max abs difference of the final latents. `--json FILE`
+also writes them, every timed sample and the export's own parity check (its manifest's `verified`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--unet-calls", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: each library's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
 
     import cones2
@@ -90,7 +94,28 @@ def main(argv=None) -> int:
     names = list(engines)
     print(f"ratio torch / onnxruntime: sampling {med[names[0]] / med[names[1]]:.2f}x, "
           f"UNet call {med_unet[names[0]] / med_unet[names[1]]:.2f}x (>1 = onnxruntime faster)")
-    print(f"parity: final latents max abs diff {float((a - b).abs().max()):.3g}")
+    diff = float((a - b).abs().max())
+    print(f"parity: final latents max abs diff {diff:.3g}")
+    if args.json:
+        import onnxruntime
+
+        manifest = json.loads((Path(onnx_dir) / "manifest.json").read_text())
+        out = {"meta": {"command": " ".join(["python bench/export_parity.py"] + sys.argv[1:]),
+                        "machine": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "ort_threads": args.threads, "python": sys.version.split()[0], "torch": torch.__version__,
+                        "onnxruntime": onnxruntime.__version__, "model_id": e0.components.model_id,
+                        "size": args.size, "steps": args.steps, "repeats": args.repeats,
+                        "unet_calls": args.unet_calls},
+               "sampling_s": {n: {"median": med[n], "runs": sampling[n]} for n in engines},
+               "unet_call_ms": {n: {"median": 1000 * med_unet[n], "runs": [1000 * x for x in unet[n]]}
+                                for n in engines},
+               "ratio_torch_over_ort": {"sampling": med[names[0]] / med[names[1]],
+                                        "unet_call": med_unet[names[0]] / med_unet[names[1]]},
+               "final_latents_max_abs_diff": diff,
+               "export_check": {name: m.get("verified") for name, m in manifest.get("models", {}).items()}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from cones2.client import Client, build_request
+from cones2.serve.client import Client, build_request
 from cones2.serve import cones2_pb2 as pb
 
 PROMPTS = ["a dog and a mug on the beach", "a dog on a table", "a mug and a dog in the snow", "a photo of a dog"]

@@ -3,12 +3,13 @@
     python bench/train_speed.py                         # embedded tiny model, CPU, 20 steps at 128 px
     python bench/train_speed.py --model /models/sd21 --device cuda --resolution 768 --steps 50
     python bench/train_speed.py --shape sd21 --resolution 256 --steps 3 --warmup 1   # random full-size SD 2.1
+    python bench/train_speed.py --steps 20 --json bench/results/train_speed.json     # also write the numbers
 
 Two runs on the same synthetic images: a timed run (no per-phase syncs; steps/s over the steps after
 `--warmup`) and a profiled run (syncs at phase edges) that splits the step into data, text-encoder
 forward/backward, UNet forward/backward and optimizer. The VAE cache and the residual extraction
 are one-off costs, reported apart. `--shape sd21` builds randomly initialised SD 2.1 components from
-/work/shared/sd21-configs in memory (real shapes, no weights needed; ~10 GB of host memory in fp32).
+bench/configs/sd21 in memory (real shapes, no weights needed; ~10 GB of host memory in fp32).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from cones2.random_model import random_components
 from cones2_train import TrainConfig, Trainer
 from cones2_train.profiling import format_profile
 
@@ -34,25 +36,6 @@ def synthetic_images(n: int = 4) -> list[Image.Image]:
         ImageDraw.Draw(im).ellipse((80 + 20 * i, 60, 420, 460), fill=(215, 90, 40))
         out.append(im)
     return out
-
-
-def sd21_components(configs: Path, device: torch.device, unet_dtype: torch.dtype):
-    """Random SD 2.1-shaped components (real layer shapes, random weights), built in memory."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from cones2.loading import Components
-    from cones2.tokenizer_data import build_clip_tokenizer
-
-    read = lambda name: json.loads((configs / name).read_text())  # noqa: E731
-    unet = torch.nn.Module.to(UNet2DConditionModel.from_config(read("unet.json")), device, unet_dtype)
-    vae = AutoencoderKL.from_config(read("vae.json")).to(device)
-    te_cfg = {k: v for k, v in read("text_encoder.json").items() if k != "architectures"}
-    text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg)).to(device)
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    return Components(build_clip_tokenizer(pad_token="!"), text_encoder, unet, vae, read("scheduler.json"),
-                      "random SD 2.1 shapes", "sd21-random@shapes")
 
 
 def peak_memory(device: torch.device) -> str:
@@ -67,7 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="diffusers SD dir (default: the embedded tiny model)")
     p.add_argument("--shape", choices=["tiny", "sd21"], default="tiny",
                    help="sd21: random full-size SD 2.1 components instead of --model")
-    p.add_argument("--configs", default="/work/shared/sd21-configs", help="SD 2.1 config folder for --shape sd21")
+    p.add_argument("--configs", default=str(Path(__file__).resolve().parent / "configs" / "sd21"),
+                   help="SD 2.1 config folder for --shape sd21 (default: bench/configs/sd21)")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of steps/s")
@@ -78,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-profile", action="store_true", help="only the timed run")
     p.add_argument("--compare-optimizers", action="store_true",
                    help="also time AdamW implementations over E' (for-loop / foreach / fused)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.warmup >= args.steps:
         p.error("--warmup must be smaller than --steps")
@@ -91,7 +76,7 @@ def main(argv=None) -> int:
         if args.dtype is None and device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         t0 = time.perf_counter()
-        model = sd21_components(Path(args.configs), device, dtype)
+        model = random_components(args.configs, device, torch.float32, unet_dtype=dtype)
         print(f"built random SD 2.1 components in {time.perf_counter() - t0:.1f}s")
     images = synthetic_images()
 
@@ -123,6 +108,12 @@ def main(argv=None) -> int:
     print(f"setup (load + VAE cache + checks) {setup:.2f}s; residual extraction over "
           f"{len(trainer.captions)} captions {extract:.2f}s")
     print(f"peak memory        {memory}")
+    record = {"command": " ".join(["python bench/train_speed.py"] + sys.argv[1:]), "device": str(device),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "model_id": trainer.components.model_id, "resolution": args.resolution, "batch_size": args.batch_size,
+              "dtype": str(trainer.dtype), "steps": args.steps, "warmup": args.warmup,
+              "steps_per_s": 1 / per_step, "ms_per_step": 1e3 * per_step, "setup_s": setup,
+              "residual_extraction_s": extract, "captions": len(trainer.captions), "peak_memory": memory}
     del trainer                           # free E' and its optimizer state before the second run
     gc.collect()
 
@@ -133,16 +124,23 @@ def main(argv=None) -> int:
         sec = profiled.timer.seconds
         print("\nper-phase time (profiled run, synchronised at phase edges):")
         print(format_profile(sec, args.steps))
+        record["profile_ms_per_step"] = {k: 1e3 * v / args.steps for k, v in sec.items()
+                                         if k not in ("vae_cache", "residual_extraction")}
+        record["profile_one_off_ms"] = {k: 1e3 * v for k, v in sec.items() if k in ("vae_cache", "residual_extraction")}
         vae_per_step = sec["vae_cache"] / profiled.num_images * args.batch_size
         step_s = sum(v for k, v in sec.items() if k not in ("vae_cache", "residual_extraction")) / args.steps
         print(f"latent cache: encoding the batch with the VAE every step would add {1e3 * vae_per_step:.1f} ms/step "
               f"(x{(step_s + vae_per_step) / step_s:.2f} step time)")
         if args.compare_optimizers:
-            compare_optimizers(list(profiled.tuned.parameters()), device)
+            record["adamw_ms"] = compare_optimizers(list(profiled.tuned.parameters()), device)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 
-def compare_optimizers(params: list[torch.Tensor], device: torch.device, steps: int = 5) -> None:
+def compare_optimizers(params: list[torch.Tensor], device: torch.device, steps: int = 5) -> dict[str, float]:
     """AdamW step time over E'-shaped parameters: per-tensor loop vs foreach vs fused, in one run."""
     times = {}
     for name, kw in (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
@@ -164,6 +162,7 @@ def compare_optimizers(params: list[torch.Tensor], device: torch.device, steps: 
     n = sum(p.numel() for p in params)
     print(f"AdamW over E' ({n / 1e6:.1f}M params): " + ", ".join(
         f"{k} {1e3 * v:.1f} ms (x{times['for-loop'] / v:.1f})" for k, v in times.items()))
+    return {k: 1e3 * v for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """`cones2-train`: a folder of images + a word -> a residual file the engine loads (SPEC section 1).
 
-User mistakes print one line and exit 2; Ctrl-C saves a resumable checkpoint and exits 130.
+User mistakes (bad flags, unwritable outputs) print one line and exit 2 before any work; Ctrl-C
+saves a resumable checkpoint and exits 130 (`cones2.cli.exit_codes`, shared with `cones2-engine`).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from cones2 import Cones2Error
+from cones2.cli.exit_codes import run_cli
+from cones2.cli.parser import ArgumentParser
+from cones2.outputs import output_file, output_folder
+from cones2.threads import configure_threads
 
 from .config import TrainConfig
-from .interrupt import TrainingInterrupted
 
 PROG = "cones2-train"
 
@@ -27,8 +30,8 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Learn a Cones 2 subject residual from a few images.",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description="Learn a Cones 2 subject residual from a few images.",
                                 formatter_class=_DefaultsFormatter)
     p.add_argument("--model", help="diffusers-layout SD checkpoint dir or hub id (default: the embedded model)")
     p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images of the subject")
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the measured rule of cones2.threads)")
     p.add_argument("--templates", default=None, help="caption templates file, one caption with one {} per line")
     p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT without suffix + .ckpt)")
@@ -62,28 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except TrainingInterrupted as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 130
-    except Cones2Error as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(PROG, lambda: run(args))
 
 
 def run(args) -> int:
-    out = _output_path(args.out)
-    if args.save_encoder and Path(args.save_encoder).is_file():
-        raise Cones2Error(f"is a file, expected a folder: {args.save_encoder}", "save_encoder")
+    configure_threads(args.threads)
+    out = output_file(args.out, "out", (".safetensors",))
+    checkpoint_dir = output_folder(args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt", "checkpoint_dir")
+    if args.save_encoder:
+        output_folder(args.save_encoder, "save_encoder")
     config = TrainConfig(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
         reg_first=args.reg_first, reg_rest=args.reg_rest, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
         seed=args.seed, device=args.device, dtype=args.dtype, templates=args.templates, save_every=args.save_every,
-        checkpoint_dir=args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt",
+        checkpoint_dir=str(checkpoint_dir),
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, gradient_checkpointing=args.gradient_checkpointing)
 
     from .trainer import Trainer
@@ -106,18 +103,6 @@ def run(args) -> int:
 
         print(format_profile(trainer.timer.seconds, trainer.step - first_step))
     return 0
-
-
-def _output_path(text: str) -> Path:
-    out = Path(text).expanduser()
-    if out.suffix != ".safetensors":
-        raise Cones2Error(f"must end in .safetensors, got {text}", "out")
-    if out.is_dir():
-        raise Cones2Error(f"is a folder: {text}", "out")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
-        raise Cones2Error(f"cannot write to {out.parent}", "out")
-    return out
 
 
 if __name__ == "__main__":

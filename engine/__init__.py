@@ -6,7 +6,9 @@
     result = engine.generate("a dog and a mug on the beach", {"dog": dog}, layout, seed=0)
     result.image.save("out.png")
 """
+from .backends import backend_names, select_backend
 from .config import SamplingConfig
+from .default_model import cache_root
 from .engine import Engine, Generation, GenerationRequest
 from .errors import Cones2Error, GenerationCancelled
 from .layout import Layout
@@ -15,4 +17,4 @@ from .residual import Residual
 __version__ = "0.1.0"
 
 __all__ = ["Cones2Error", "Engine", "Generation", "GenerationCancelled", "GenerationRequest", "Layout",
-           "Residual", "SamplingConfig", "__version__"]
+           "Residual", "SamplingConfig", "__version__", "backend_names", "cache_root", "select_backend"]

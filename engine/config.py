@@ -1,54 +1,38 @@
 """Sampling settings as one frozen, validated object (SPEC sections 3 and 4).
 
-Validated once at the edge; the sampler and the attention backends trust it.
+Validated once at the edge (CLI, gRPC and the Python API all build it); the sampler and the
+attention backends trust it. The bounds live in `limits`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .errors import Cones2Error
+from . import limits
+from .errors import Cones2Error, quote
+from .limits import MAX_SIDE, MAX_STEPS  # noqa: F401 (re-exported)
+from .modes import MODES as _MODE_DEFAULTS
 
 MODES = ("paper-exact", "fast")
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-
-
-def _finite(name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise Cones2Error(f"must be a number, got {value!r}", name) from None
-    if not math.isfinite(value):
-        raise Cones2Error(f"must be finite, got {value}", name)
-    return value
-
-
-def _int(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise Cones2Error(f"must be an integer, got {value!r}", name)
-    if not lo <= value <= hi:
-        raise Cones2Error(f"must be in [{lo}, {hi}], got {value}", name)
-    return value
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample one image.
+    """How to sample one image. Every number is checked to be finite and in its range:
 
-    steps: Euler steps N. guidance_steps: G, steps that use layout guidance and self-recurrence
-    (None = all steps; values above `steps` are clamped to `steps`, as the reference does).
-    guidance_weight: g in SPEC 3. cfg_scale: classifier-free guidance scale.
-    negative_weight: w- outside each subject's region. height/width: output pixels, multiples of 64.
-    mode: "paper-exact" (CPU noise stream of SPEC 4) or "fast" (noise drawn on the device).
+    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 20 fast).
+    guidance_steps: G, steps that use layout guidance and self-recurrence (None = the mode's default:
+    all steps paper-exact, the first 40% fast; values above `steps` are clamped to `steps`, as the
+    reference does). guidance_weight: g of SPEC 3, in [0, 10] (default 0.08). cfg_scale: classifier-free
+    guidance scale, in [0, 100] (default 7.5). negative_weight: w- outside each subject's region,
+    in [-1e9, 0] (default -1e8; any value <= -1e4 acts as a hard mask). height/width: output pixels,
+    multiples of 64 in [64, 4096]. seed: in [0, 2**63 - 1].
+    mode: "paper-exact" (SPEC 4: Euler, CPU noise stream) or "fast" (DPM-Solver++ 2M, noise drawn
+    on the device; `cones2.modes`, docs/speed.md).
     """
 
     height: int = 768
     width: int = 768
-    steps: int = 50
+    steps: int | None = None
     guidance_steps: int | None = None
     guidance_weight: float = 0.08
     cfg_scale: float = 7.5
@@ -58,21 +42,20 @@ class SamplingConfig:
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        put("steps", _int("steps", self.steps, 1, MAX_STEPS))
-        g = self.steps if self.guidance_steps is None else _int("guidance_steps", self.guidance_steps, 0, 10**6)
+        if self.mode not in MODES:
+            raise Cones2Error(f"must be one of {', '.join(MODES)}, got {quote(self.mode)}", "mode")
+        mode = _MODE_DEFAULTS[self.mode]
+        steps = mode.default_steps if self.steps is None else self.steps
+        put("steps", limits.integer(steps, "steps", 1, MAX_STEPS))
+        g = (mode.guidance_steps(self.steps) if self.guidance_steps is None
+             else limits.integer(self.guidance_steps, "guidance_steps", 0, 10**6))
         put("guidance_steps", min(g, self.steps))
         for side in ("height", "width"):
-            v = _int(side, getattr(self, side), 64, MAX_SIDE)
+            v = limits.integer(getattr(self, side), side, 64, MAX_SIDE)
             if v % 64:
                 raise Cones2Error(f"must be a multiple of 64, got {v}", side)
             put(side, v)
-        put("guidance_weight", _finite("guidance_weight", self.guidance_weight))
-        if self.guidance_weight < 0:
-            raise Cones2Error(f"must be >= 0, got {self.guidance_weight}", "guidance_weight")
-        put("cfg_scale", _finite("cfg_scale", self.cfg_scale))
-        put("negative_weight", _finite("negative_weight", self.negative_weight))
-        if self.negative_weight > 0:
-            raise Cones2Error(f"must be <= 0, got {self.negative_weight}", "negative_weight")
-        put("seed", _int("seed", self.seed, 0, 2**63 - 1))
-        if self.mode not in MODES:
-            raise Cones2Error(f"must be one of {', '.join(MODES)}, got {self.mode!r}", "mode")
+        put("guidance_weight", limits.number(self.guidance_weight, "guidance_weight", limits.GUIDANCE_WEIGHT))
+        put("cfg_scale", limits.number(self.cfg_scale, "cfg_scale", limits.CFG_SCALE))
+        put("negative_weight", limits.number(self.negative_weight, "negative_weight", limits.NEGATIVE_WEIGHT))
+        put("seed", limits.integer(self.seed, "seed", 0, 2**63 - 1))

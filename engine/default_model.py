@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_directory
 
 TINY_VERSION = "tiny-sd-v1"
 TINY_RESOLUTION = 128
@@ -61,6 +61,7 @@ def build_tiny_model(out_dir: str | os.PathLike, *, prediction_type: str = "v_pr
     """Write a tiny SD-shaped diffusers directory to `out_dir` (atomically) and return it.
 
     prediction_type "v_prediction" + pad "!" mimics SD 2.x; "epsilon" + end-token padding, SD 1.x.
+    If another process finishes the same folder first, its copy is kept (a shared cache entry).
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -71,9 +72,7 @@ def build_tiny_model(out_dir: str | os.PathLike, *, prediction_type: str = "v_pr
     quiet_library_logging()
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir, keep_existing=True) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel(
@@ -110,11 +109,4 @@ def build_tiny_model(out_dir: str | os.PathLike, *, prediction_type: str = "v_pr
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         }, indent=2))
-        if out_dir.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

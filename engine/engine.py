@@ -6,6 +6,7 @@ compatible requests through one sampling loop (cross-request batching for the se
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -18,18 +19,18 @@ from PIL import Image
 
 from .config import SamplingConfig
 from .embeddings import add_residuals, encode_prompts
-from .errors import Cones2Error
-from .image import decode_latents
+from . import limits
+from .errors import Cones2Error, quote
+from .limits import MAX_PROMPT_CHARS, MAX_SUBJECTS  # re-exported: the bounds live in cones2.limits
+from .image import decode_latents, png_info
 from .layout import Layout
 from .loading import Components, load_components, parse_device, parse_dtype
 from .residual import Residual
+from .backends import select_backend
 from .runners import make_runner
 from .sampler import BatchInputs, NoiseStream, sample
-from .schedule import EulerSchedule, guidance_log_terms
+from .schedule import guidance_log_terms, make_schedule
 from .tokens import SEQ_LEN, SubjectTokens, locate_subject, prompt_token_ids
-
-MAX_SUBJECTS = 8
-MAX_PROMPT_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,15 @@ class GenerationRequest:
         names = set(self.subjects) | set(self.layout.names if self.layout else ())
         if len(names) > MAX_SUBJECTS:
             raise Cones2Error(f"{len(names)} subjects; at most {MAX_SUBJECTS} per image", "subjects")
+        for name in self.subjects:
+            limits.name(name, "subjects")
         for name, residual in self.subjects.items():
             if not isinstance(residual, Residual):
                 raise Cones2Error(f"must be a cones2.Residual, got {type(residual).__name__}", f"subjects.{name}")
         for name in self.subject_positions or {}:
             if name not in self.subjects:
-                raise Cones2Error(f"positions given for {name!r}, which has no residual", "subject_positions")
+                raise Cones2Error(f"positions given for {quote(name)}, which has no residual", "subject_positions")
+            limits.positions(self.subject_positions[name], f"subject_positions.{name}")
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one sampling loop."""
@@ -90,6 +94,12 @@ class Generation:
                 "subjects": {t.name: list(t.residual_starts) for t in self.subject_tokens if t.name in self.request.subjects},
                 "layout": repr(self.request.layout) if self.request.layout else None}
 
+    def png(self) -> bytes:
+        """The image as PNG bytes carrying `parameters()` in its text metadata (CLI and service)."""
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG", pnginfo=png_info(self.parameters()))
+        return buf.getvalue()
+
 
 @dataclass
 class _Prepared:
@@ -102,13 +112,17 @@ class _Prepared:
 class Engine:
     """A loaded checkpoint ready to generate.
 
-    Build with `Engine.from_pretrained`. `backend` picks how the UNet runs: an attention backend
-    of the PyTorch UNet (`reference`, `sdpa`, `triton`) or a compiled runner (`onnxruntime`,
-    `tensorrt`); `backend_options` go to compiled runners (e.g. `onnx_dir`).
+    Build with `Engine.from_pretrained`. `backend` picks how the UNet runs (`cones2.backends`):
+    an attention backend inside the PyTorch UNet (`reference`, `sdpa`, `triton`) or a UNet runner
+    that replaces it (`onnxruntime`, `tensorrt`); None picks the best one that runs on `device`.
+    `backend_options` go to UNet runners (e.g. `onnx_dir`). `backend_reason` says why it was chosen.
+    `compile=True` runs the PyTorch UNet through torch.compile (`cones2.compiled`: CUDA graphs on
+    CUDA); `warmup` compiles the graphs of given shapes ahead of time.
+    Thread-safe: `check`, `encode` and `generate_batch` may be called from several threads.
     """
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
-                 backend: str = "sdpa", backend_options: dict | None = None):
+                 backend: str | None = None, backend_options: dict | None = None, compile: bool = False):
         from .attention import Cones2AttnProcessor
 
         self.components = components
@@ -116,23 +130,49 @@ class Engine:
         self.unet.set_attn_processor(Cones2AttnProcessor())
         self._runners: dict[str, object] = {}
         # HF tokenizers keep per-call padding state: concurrent calls corrupt each other's lengths.
+        # Every tokenizer call in the engine (and so in the service) goes through this one lock.
         self._tokenizer_lock = threading.RLock()
-        self.default_backend = backend
-        self._runners[backend] = make_runner(backend, self, **(backend_options or {}))
+        self.default_backend, self.backend_reason = select_backend(device, backend)
+        self.compile = compile
+        self._runners[self.default_backend] = make_runner(self.default_backend, self, compile=compile,
+                                                          **(backend_options or {}))
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "fp32", backend: str | None = None,
-                        backend_options: dict | None = None) -> "Engine":
-        """Load a diffusers-layout SD checkpoint (local dir or hub id); None = the embedded default model."""
+                        backend_options: dict | None = None, compile: bool = False) -> "Engine":
+        """Load a diffusers-layout SD checkpoint (local dir or hub id); None = the embedded default model.
+        compile: torch.compile the UNet call (opt-in; `cones2.compiled`, docs/speed.md)."""
         from .default_model import default_model_dir
 
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
-        if backend is None:
-            backend = "triton" if dev.type == "cuda" and _triton_importable() else "sdpa"
+        if backend is not None:
+            select_backend(dev, backend)  # an unusable backend fails before the checkpoint loads
         components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt)
-        return cls(components, dev, dt, backend, backend_options)
+        return cls(components, dev, dt, backend, backend_options, compile)
+
+    @classmethod
+    def from_pipeline(cls, pipe, *, backend: str | None = None, backend_options: dict | None = None) -> "Engine":
+        """An engine over an already-loaded diffusers `StableDiffusionPipeline` (SD 1.x/2.x), sharing
+        its modules (no weights copied). The pipeline stays usable: the engine's attention processor
+        computes plain attention exactly when the pipeline calls the UNet without a layout."""
+        from .loading import PREDICTION_TYPES
+
+        missing = [n for n in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if getattr(pipe, n, None) is None]
+        if missing:
+            raise Cones2Error(f"the pipeline has no {', '.join(missing)}; a StableDiffusionPipeline is needed",
+                              "pipeline")
+        scheduler_config = dict(pipe.scheduler.config)
+        if scheduler_config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            raise Cones2Error(f"prediction_type {scheduler_config['prediction_type']!r} is not supported "
+                              "(epsilon or v_prediction)", "pipeline.scheduler")
+        unet = pipe.unet
+        device, dtype = unet.device, unet.dtype
+        source = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None) or "pipeline"
+        components = Components(pipe.tokenizer, pipe.text_encoder, unet, pipe.vae, scheduler_config, str(source),
+                                f"pipeline@{type(pipe).__name__}")
+        return cls(components, device, dtype, backend, backend_options)
 
     # ---- model facts -----------------------------------------------------------------------------
     tokenizer = property(lambda self: self.components.tokenizer)
@@ -167,16 +207,12 @@ class Engine:
             h, w = (h + 1) // 2, (w + 1) // 2
         return shapes
 
-    def add_runner(self, name: str, runner) -> None:
-        """Make a custom UNet runner (`runner(sample, timestep, embeddings, rectification)`) available
-        as `backend=name` (benchmarks use this for the reference-implementation-style path)."""
-        self._runners[name] = runner
-
     def runner(self, backend: str | None = None, **options):
-        """The UNet runner for `backend` (built once, then reused)."""
+        """The UNet runner for `backend` (built once, then reused; options rebuild it)."""
         name = backend or self.default_backend
         if name not in self._runners or options:
-            self._runners[name] = make_runner(name, self, **options)
+            select_backend(self.device, name)
+            self._runners[name] = make_runner(name, self, compile=self.compile, **options)
         return self._runners[name]
 
     # ---- the pipeline ---------------------------------------------------------------------------
@@ -188,8 +224,33 @@ class Engine:
         config = SamplingConfig(height=height or size, width=width or size, **settings)
         return GenerationRequest(prompt, dict(subjects or {}), layout, config, subject_positions)
 
+    def check(self, request: GenerationRequest) -> list[SubjectTokens]:
+        """Validate `request` against this model: residual widths, every subject and layout word in
+        the prompt (within its 77 tokens), residual rows against the word's tokens, every layout
+        region still visible at the request's size. Raises `Cones2Error` naming the field; returns
+        each subject's token positions. `generate` calls it; a service calls it before queueing."""
+        if not isinstance(request, GenerationRequest):
+            raise Cones2Error(f"must be a GenerationRequest, got {type(request).__name__}", "request")
+        with self._tokenizer_lock:
+            ids = prompt_token_ids(self.tokenizer, request.prompt)
+            explicit = request.subject_positions or {}
+            tokens: dict[str, SubjectTokens] = {}
+            for name, residual in request.subjects.items():
+                residual.check_dim(self.text_dim, f"subjects.{name}")
+                t = locate_subject(self.tokenizer, ids, name, explicit.get(name), prompt=request.prompt)
+                if name not in explicit and residual.rows > len(t.token_ids):
+                    raise Cones2Error(f"residual has {residual.rows} rows but {name!r} has {len(t.token_ids)} "
+                                      "tokens", f"subjects.{name}")
+                tokens[name] = t
+            for name in request.layout.names if request.layout else ():
+                if name not in tokens:
+                    tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout", prompt=request.prompt)
+        if request.layout is not None:
+            request.layout.masks(request.config.height, request.config.width)  # a vanished region is an error
+        return list(tokens.values())
+
     def generate(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
-                 seed: int = 0, steps: int = 50, guidance_steps: int | None = None, guidance_weight: float = 0.08,
+                 seed: int = 0, steps: int | None = None, guidance_steps: int | None = None, guidance_weight: float = 0.08,
                  cfg_scale: float = 7.5, negative_weight: float = -1e8, height: int | None = None,
                  width: int | None = None, mode: str = "paper-exact", backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
@@ -198,7 +259,9 @@ class Engine:
         """Generate one image (SPEC 2-4). Returns a `Generation` (image, latents, embeddings, timings).
 
         subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
-        subject words. guidance_steps: None = all steps. mode: "paper-exact" or "fast".
+        subject words. mode: "paper-exact" (SPEC 4) or "fast" (DPM-Solver++ 2M, docs/speed.md).
+        steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 20
+        steps, the first 40% guided).
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
         """
         req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
@@ -222,13 +285,12 @@ class Engine:
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
 
-        with clock("prepare"), self._tokenizer_lock:
+        with clock("prepare"):
             prepared = [self._prepare(r, runner) for r in requests]
         with clock("schedule"):
             sched = self.components.scheduler_config
-            schedule = EulerSchedule.make(c0.steps, sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
-                                          sched.get("beta_schedule", "scaled_linear"),
-                                          sched.get("num_train_timesteps", 1000))
+            schedule = make_schedule(c0.mode, c0.steps, sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
+                                     sched.get("beta_schedule", "scaled_linear"), sched.get("num_train_timesteps", 1000))
             log_terms = guidance_log_terms(c0.guidance_steps)
             inputs = self._batch_inputs(requests, prepared)
         with clock("sampling"):
@@ -239,6 +301,26 @@ class Engine:
         timings["total"] = sum(timings.values())
         return [Generation(Image.fromarray(pixels[i]), latents[i : i + 1].cpu(), p.cond[None].float().cpu(), r,
                            dict(timings), p.tokens) for i, (r, p) in enumerate(zip(requests, prepared))]
+
+    def warmup(self, resolutions: list[int | tuple[int, int]] | None = None, batch_sizes: list[int] = (1,), *,
+               backend: str | None = None) -> dict[tuple[int, int, int], float]:
+        """Compile ahead of time every graph and kernel the given shapes need: one tiny generation
+        (2 steps, the first guided with a layout, so both the guided and the unguided UNet call run)
+        per (resolution, batch size). resolutions: square sides or (height, width) in pixels
+        (default: the model's resolution); batch_sizes: requests per sampling loop. Returns the
+        seconds spent per (height, width, batch size); a second call finds everything compiled."""
+        sizes = [(r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+                 for r in (resolutions or [self.default_resolution])]
+        layout = Layout.from_boxes({"warm": (0.0, 0.0, 0.5, 1.0)})
+        spent = {}
+        for height, width in sizes:
+            for batch in batch_sizes:
+                requests = [self.request("warm up", None, layout, height=height, width=width, steps=2,
+                                         guidance_steps=1, seed=k) for k in range(batch)]
+                start = time.perf_counter()
+                self.generate_batch(requests, backend=backend, progress=False)
+                spent[(height, width, batch)] = time.perf_counter() - start
+        return spent
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Final latents (R, 4, h, w) -> uint8 images (R, H, W, 3)."""
@@ -253,21 +335,10 @@ class Engine:
 
     def _prepare(self, req: GenerationRequest, runner) -> _Prepared:
         """Embeddings with residuals composed in, and the per-level weight maps, for one request."""
-        ids = prompt_token_ids(self.tokenizer, req.prompt)
-        explicit = req.subject_positions or {}
-        tokens = {}
-        for name, residual in req.subjects.items():
-            residual.check_dim(self.text_dim, f"subjects.{name}")
-            t = locate_subject(self.tokenizer, ids, name, explicit.get(name))
-            if name not in explicit and residual.rows > len(t.token_ids):
-                raise Cones2Error(f"residual has {residual.rows} rows but {name!r} has {len(t.token_ids)} tokens",
-                                  f"subjects.{name}")
-            tokens[name] = t
-        for name in req.layout.names if req.layout else ():
-            if name not in tokens:
-                tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout")
-        cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, ""],
-                                      getattr(runner, "encode_ids", None))
+        tokens = {t.name: t for t in self.check(req)}
+        with self._tokenizer_lock:
+            cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, ""],
+                                          getattr(runner, "encode_ids", None))
         cond = add_residuals(cond, [(tokens[n], r) for n, r in req.subjects.items()])
         weights = None
         if req.layout is not None:
@@ -318,10 +389,3 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

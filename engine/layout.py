@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cones2Error
+from . import limits
+from .errors import Cones2Error, quote
 
 DEFAULT_STRENGTH = 2.5
 
@@ -53,11 +54,19 @@ class Region:
 
 
 class Layout:
-    """Subject name -> Region. Build with `from_boxes`, `from_masks` or `from_color_map`."""
+    """Subject name -> Region. Build with `from_boxes`, `from_masks` or `from_color_map`.
+
+    Bounds (`cones2.limits`): 1 to 8 subjects, names of at most 100 characters, strengths w+ finite
+    in [0, 1e4] (default 2.5), normalised box coordinates in [0, 1], pixel coordinates and mask sides
+    at most 4096, at most 64 colour-table entries.
+    """
 
     def __init__(self, regions: Mapping[str, Region]):
         if not regions:
             raise Cones2Error("needs at least one subject region", "layout")
+        _check_count(len(regions))
+        for name in regions:
+            limits.name(name, "layout")
         self.regions = dict(regions)
 
     def __repr__(self) -> str:
@@ -73,16 +82,17 @@ class Layout:
                    units: str = "normalized") -> "Layout":
         """Boxes (x0, y0, x1, y1) per subject, in [0, 1] (`units="normalized"`) or output pixels."""
         if units not in ("normalized", "pixels"):
-            raise Cones2Error(f"must be 'normalized' or 'pixels', got {units!r}", "layout.units")
+            raise Cones2Error(f"must be 'normalized' or 'pixels', got {quote(units)}", "layout.units")
+        _check_count(len(boxes))
         regions = {}
         for name, box in boxes.items():
-            field = f"layout.boxes.{name}"
+            field = f"layout.boxes.{limits.name(name, 'layout.boxes')}"
             try:
                 vals = [float(v) for v in box]
-            except (TypeError, ValueError):
-                raise Cones2Error(f"must be 4 numbers x0,y0,x1,y1, got {box!r}", field) from None
+            except (TypeError, ValueError, OverflowError):
+                raise Cones2Error(f"must be 4 numbers x0,y0,x1,y1, got {quote(box)}", field) from None
             if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-                raise Cones2Error(f"must be 4 finite numbers x0,y0,x1,y1, got {box!r}", field)
+                raise Cones2Error(f"must be 4 finite numbers x0,y0,x1,y1, got {quote(box)}", field)
             x0, y0, x1, y1 = vals
             if not (x0 < x1 and y0 < y1):
                 raise Cones2Error(f"is inverted or empty (need x0 < x1 and y0 < y1), got {vals}", field)
@@ -92,22 +102,26 @@ class Layout:
                     raise Cones2Error(f"normalised coordinates must lie in [0, 1], got {vals}", field)
                 regions[name] = Region(strength, box=(x0, y0, x1, y1))
             else:
-                if min(vals) < 0 or any(v != int(v) for v in vals):
-                    raise Cones2Error(f"pixel coordinates must be non-negative integers, got {vals}", field)
+                if min(vals) < 0 or max(vals) > limits.MAX_SIDE or any(v != int(v) for v in vals):
+                    raise Cones2Error(f"pixel coordinates must be integers in [0, {limits.MAX_SIDE}], got {vals}",
+                                      field)
                 regions[name] = Region(strength, pixel_box=tuple(int(v) for v in vals))
         return cls(regions)
 
     @classmethod
     def from_masks(cls, masks: Mapping[str, object], strengths: float | Mapping[str, float] = DEFAULT_STRENGTH) -> "Layout":
         """Binary masks (H, W) per subject: numpy/torch arrays or PIL images (non-zero = inside)."""
+        _check_count(len(masks))
         regions = {}
         for name, mask in masks.items():
-            field = f"layout.masks.{name}"
+            field = f"layout.masks.{limits.name(name, 'layout.masks')}"
             arr = np.asarray(mask)
             if arr.ndim == 3:
                 arr = arr.any(axis=-1)
             if arr.ndim != 2 or arr.size == 0:
-                raise Cones2Error(f"must be a 2-D mask, got shape {arr.shape}", field)
+                raise Cones2Error(f"must be a 2-D mask, got shape {quote(arr.shape)}", field)
+            if max(arr.shape) > limits.MAX_SIDE:
+                raise Cones2Error(f"mask sides must be at most {limits.MAX_SIDE}, got {arr.shape}", field)
             m = torch.from_numpy(arr.astype(bool))
             if not m.any():
                 raise Cones2Error("mask is empty", field)
@@ -119,16 +133,19 @@ class Layout:
         """A flat-colour image (path, PIL image or (H, W, 3) uint8 array) and a table
         colour -> (subject, strength); colours as (r, g, b), "r,g,b" or "#rrggbb".
         Pixels match a colour exactly (the reference's rule); every colour must be present."""
+        if len(table) > limits.MAX_LAYOUT_COLORS:
+            raise Cones2Error(f"{len(table)} colours; at most {limits.MAX_LAYOUT_COLORS}", "layout.colors")
         arr = _load_rgb(image)
         masks: dict[str, torch.Tensor] = {}
         strengths: dict[str, float] = {}
         for key, entry in table.items():
             rgb = parse_color(key)
-            field = f"layout.colors.{key}"
+            field = "layout.colors.{},{},{}".format(*rgb)
             try:
                 name, strength = entry
             except (TypeError, ValueError):
-                raise Cones2Error(f"must map to [subject, strength], got {entry!r}", field) from None
+                raise Cones2Error(f"must map to [subject, strength], got {quote(entry)}", field) from None
+            name = limits.name(name, field)
             strength = _strength(strength, name, field)
             m = torch.from_numpy((arr == np.array(rgb, dtype=np.uint8)).all(axis=-1))
             if not m.any():
@@ -186,19 +203,20 @@ def parse_color(key) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         rgb = ()
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise Cones2Error(f"colour must be 'r,g,b' with 0..255 values or '#rrggbb', got {key!r}", "layout.colors")
+        raise Cones2Error(f"colour must be 'r,g,b' with 0..255 values or '#rrggbb', got {quote(key)}",
+                          "layout.colors")
     return rgb
 
 
 def _strength(strengths, name: str, field: str | None = None) -> float:
+    """w+ of subject `name`: finite, in `limits.STRENGTH`."""
     value = strengths.get(name, DEFAULT_STRENGTH) if isinstance(strengths, Mapping) else strengths
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise Cones2Error(f"strength must be a number, got {value!r}", field or f"layout.strengths.{name}") from None
-    if not math.isfinite(value):
-        raise Cones2Error(f"strength must be finite, got {value}", field or f"layout.strengths.{name}")
-    return value
+    return limits.number(value, field or f"layout.strengths.{name}", limits.STRENGTH)
+
+
+def _check_count(count: int) -> None:
+    if count > limits.MAX_SUBJECTS:
+        raise Cones2Error(f"{count} subjects; at most {limits.MAX_SUBJECTS} per image", "layout")
 
 
 def _load_rgb(image) -> np.ndarray:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import Cones2Error
+from .atomic import atomic_write
+from .errors import Cones2Error, quote
 
 TENSOR_KEY = "residual"
 FORMAT = "cones2-residual/1"
@@ -85,7 +85,7 @@ class Residual:
         except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
             raise Cones2Error(f"not a readable safetensors file ({exc})", name) from None
         if TENSOR_KEY not in tensors:
-            raise Cones2Error(f"safetensors file has no {TENSOR_KEY!r} tensor (has {sorted(tensors)})", name)
+            raise Cones2Error(f"safetensors file has no {TENSOR_KEY!r} tensor (has {quote(sorted(tensors))})", name)
         token_ids = meta.pop("token_ids", None)
         try:
             token_ids = tuple(json.loads(token_ids)) if token_ids else None
@@ -105,18 +105,9 @@ class Residual:
         return save({TENSOR_KEY: self.embedding.contiguous()}, metadata=self._metadata())
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the safetensors form atomically (temp file + rename): a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_safetensors_bytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the safetensors form atomically (`cones2.atomic`): a crash never leaves half a file,
+        and the file gets the mode a plain write would give it."""
+        return atomic_write(path, self.to_safetensors_bytes())
 
     def _metadata(self) -> dict[str, str]:
         meta = {k: str(v) for k, v in self.metadata.items()}
@@ -150,8 +141,11 @@ def _validated_tensor(t, name: str) -> torch.Tensor:
 def _load_legacy(path: Path, name: str) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors of many kinds; weights_only refuses code objects
-        raise Cones2Error(f"cannot read {path.name} as a tensor file ({type(exc).__name__}: {exc})", name) from None
+    except Exception:  # pickle errors of many kinds; weights_only refuses code objects. torch's own
+        # message is many lines and suggests weights_only=False, which runs the file's code: not repeated.
+        raise Cones2Error(f"cannot read {path.name}: not a plain tensor file (read with weights_only=True, which "
+                          "never runs code); to convert it, load it yourself where you trust its source and save "
+                          "cones2.Residual(tensor).save('x.safetensors')", name) from None
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         if len(tensors) != 1:

@@ -1,40 +1,28 @@
-"""UNet runners: what the sampler calls once per step, one flat `backend` name for users.
+"""UNet runners: what the sampler calls once per step.
 
 A runner is `runner(sample, timestep, embeddings, rectification) -> prediction`:
   sample (B, 4, h, w) in the model dtype, timestep a 0-dim float32 tensor, embeddings (B, 77, D),
   rectification a `Rectification` or None (unguided step).
-PyTorch runners pair the diffusers UNet with an attention backend (`reference`, `sdpa`,
-`triton`); compiled runners (`onnxruntime`, `tensorrt`) live in `cones2.export` and are imported
-only when asked for.
+An attention backend (`reference`, `sdpa`, `triton`) runs inside `TorchUNetRunner`, the diffusers
+UNet; a registered UNet runner (`onnxruntime`, `tensorrt`) replaces it. `cones2.backends` knows
+which name is which.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from .attention import AttentionContext, Rectification, attention_backend_names, get_backend
+from .attention import AttentionContext, Rectification
+from .backends import ATTENTION, attention_backend, get_spec
 from .errors import Cones2Error
-
-# Runners that are not PyTorch UNets: name -> "module:factory", factory(engine, **options).
-_COMPILED = {
-    "onnxruntime": "cones2.export.ort_backend:OrtUNetRunner",
-    "tensorrt": "cones2.export.trt_backend:TrtUNetRunner",
-}
-
-
-def backend_names() -> list[str]:
-    """Every name `--backend` accepts."""
-    return attention_backend_names() + sorted(_COMPILED)
 
 
 class TorchUNetRunner:
     """The diffusers UNet with every attention layer routed to one attention backend."""
 
-    def __init__(self, unet, attention_backend: str):
+    def __init__(self, unet, attention_backend_name: str):
         self.unet = unet
-        self.backend = get_backend(attention_backend)
-        self.name = attention_backend
+        self.backend = attention_backend(attention_backend_name)
+        self.name = attention_backend_name
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor,
@@ -44,15 +32,23 @@ class TorchUNetRunner:
                          cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
-def make_runner(name: str, engine, **options):
-    """Build the runner called `name` for `engine` (options go to compiled runners, e.g. onnx_dir)."""
-    if name in attention_backend_names():
+def make_runner(name: str, engine, *, compile: bool = False, **options):
+    """Build the runner for backend `name` on `engine` (options go to UNet runners, e.g. onnx_dir).
+    compile: run the PyTorch UNet through torch.compile (`cones2.compiled`; attention backends only)."""
+    spec = get_spec(name)
+    if spec.kind == ATTENTION:
+        if options:
+            raise Cones2Error(f"attention backend {name!r} takes no options, got {', '.join(sorted(options))}",
+                              "backend_options")
+        if compile:
+            from .compiled import CompiledUNetRunner
+
+            return CompiledUNetRunner(engine.unet, name, engine.device)
         return TorchUNetRunner(engine.unet, name)
-    if name in _COMPILED:
-        module, attr = _COMPILED[name].split(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except ImportError as exc:
-            raise Cones2Error(f"backend {name!r} is not available here: {exc}", "backend") from None
-        return factory(engine, **options)
-    raise Cones2Error(f"unknown backend {name!r}; choose from {', '.join(backend_names())}", "backend")
+    if compile:
+        raise Cones2Error(f"{name!r} is a {spec.kind} that runs its own compiled graphs; compile applies to the "
+                          "PyTorch UNet's attention backends", "compile")
+    missing = [k for k in spec.needs if options.get(k) is None]
+    if missing:
+        raise Cones2Error(f"backend {name!r} needs {', '.join(missing)}", "backend_options")
+    return spec.factory(engine, **options)

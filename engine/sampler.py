@@ -1,9 +1,15 @@
-"""The layout-guided Euler sampler with self-recurrence (SPEC section 4).
+"""The layout-guided sampler with self-recurrence (SPEC section 4): Euler in `paper-exact` mode,
+DPM-Solver++ 2M in `fast` mode (the update rules are `solvers`).
 
-One loop for a batch of R requests that share resolution, step count and guidance steps. Both CFG
-branches run as one UNet call of batch 2R: [cond_1..cond_R, uncond_1..uncond_R]. Everything that
+One loop for a batch of R requests that share resolution, step count, guidance steps and mode. Both
+CFG branches run as one UNet call of batch 2R: [cond_1..cond_R, uncond_1..uncond_R]. Everything that
 does not change per step (embeddings, weight maps, coefficients, timesteps) is prepared before the
 loop, which holds no host syncs.
+
+Self-recurrence with a multistep solver: a guided step i is taken, re-noised back to sigma_i and
+taken again; both passes use the same history (x0 of step i-1), and only the second pass's x0
+becomes the history of step i+1. The first pass only produces the point that gets re-noised, exactly
+as in SPEC 4's Euler form (where there is no history, this is SPEC 4 itself).
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .attention import Rectification
 from .errors import GenerationCancelled
-from .schedule import EulerSchedule
+from .schedule import Schedule
+from .solvers import make_solver
 
 
 class NoiseStream:
@@ -50,11 +57,15 @@ class BatchInputs:
     noise: list[NoiseStream]
 
 
-def sample(runner, inputs: BatchInputs, schedule: EulerSchedule, guidance_log_terms: list[float],
+def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: list[float],
            prediction_type: str, *, progress: bool = True,
            on_step: Callable[[int, int, torch.Tensor], None] | None = None,
            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Run the sampler and return the final latents (R, C, h, w) float32 (before VAE decoding)."""
+    """Run the sampler and return the final latents (R, C, h, w) float32 (before VAE decoding).
+
+    schedule: timesteps, sigmas (N + 1, the last 0) and the solver that steps along them.
+    guidance_log_terms: log(1 + sigma_i^2) of SPEC 3 for the G guided steps (len = G).
+    """
     R = inputs.cond.shape[0]
     device, dtype = inputs.cond.device, inputs.cond.dtype
     steps, G = len(schedule.timesteps), len(guidance_log_terms)
@@ -73,28 +84,33 @@ def sample(runner, inputs: BatchInputs, schedule: EulerSchedule, guidance_log_te
         rectifications = [Rectification(weights, coefs[i]) for i in range(G)]
     x = torch.cat([n.next() for n in inputs.noise]) * sigmas[0]
 
-    def euler_step(i: int, x: torch.Tensor) -> torch.Tensor:
-        s, s_next = sigmas[i], sigmas[i + 1]
+    solver = make_solver(schedule)
+
+    def denoise(i: int, x: torch.Tensor) -> torch.Tensor:
+        """x0 predicted at step i from x (both CFG branches in one UNet call)."""
+        s = sigmas[i]
         xin = (x / math.sqrt(s * s + 1)).to(dtype)
         pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rectifications[i] if i < G else None).float()
         e_cond, e_uncond = pred[:R], pred[R:]
         e = e_uncond + cfg * (e_cond - e_uncond)
         if prediction_type == "v_prediction":
-            x0 = e * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
-        else:
-            x0 = x - s * e
-        return x + (s_next - s) * (x - x0) / s
+            return e * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
+        return x - s * e
 
+    prev_x0 = None
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         if should_stop is not None and should_stop():
             raise GenerationCancelled(f"stopped before step {i} of {steps}")
-        x = euler_step(i, x)
-        if i < G:  # self-recurrence: re-noise to sigma_i and take step i again
+        x0 = denoise(i, x)
+        x_next = solver.update(i, x, x0, prev_x0)
+        if i < G:  # self-recurrence: re-noise to sigma_i and take step i again, with the same history
             renoise = math.sqrt(max(sigmas[i] ** 2 - sigmas[i + 1] ** 2, 0.0))
-            x = x + renoise * torch.cat([n.next() for n in inputs.noise])
+            x = x_next + renoise * torch.cat([n.next() for n in inputs.noise])
             if should_stop is not None and should_stop():
                 raise GenerationCancelled(f"stopped during step {i} of {steps}")
-            x = euler_step(i, x)
+            x0 = denoise(i, x)
+            x_next = solver.update(i, x, x0, prev_x0)
+        x, prev_x0 = x_next, x0
         if on_step is not None:
             on_step(i, steps, x)
     return x

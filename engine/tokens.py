@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import Cones2Error
+from . import limits
+from .errors import Cones2Error, quote
 
 SEQ_LEN = 77
 
@@ -21,7 +22,7 @@ def word_token_ids(tokenizer, word: str, field: str = "subject") -> list[int]:
     """Token ids of `word` alone, without start/end tokens."""
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
-        raise Cones2Error(f"{word!r} tokenizes to nothing", field)
+        raise Cones2Error(f"{quote(word)} tokenizes to nothing", field)
     return list(ids)
 
 
@@ -56,23 +57,38 @@ class SubjectTokens:
     residual_starts: tuple[int, ...]
 
 
-def locate_subject(tokenizer, prompt_ids: list[int], name: str,
-                   explicit: list[int] | None = None, field: str = "subjects") -> SubjectTokens:
-    """Find `name` in the prompt; a subject that is not there is an error that names it."""
+def locate_subject(tokenizer, prompt_ids: list[int], name: str, explicit: list[int] | None = None,
+                   field: str = "subjects", prompt: str | None = None) -> SubjectTokens:
+    """Find `name` in the prompt; a subject that is not there is an error that names it.
+
+    prompt: the prompt's text, to tell a word past the 77-token cut-off from a missing one (without
+    it, a prompt that fills all 77 tokens is reported as possibly cut off)."""
+    limits.name(name, field)
     ids = word_token_ids(tokenizer, name, f"{field}.{name}")
     end_id = tokenizer.eos_token_id
     end = prompt_ids.index(end_id, 1) if end_id in prompt_ids[1:] else len(prompt_ids)
     starts = occurrences(prompt_ids, ids, end)
     word_positions = tuple(s + j for s in starts for j in range(len(ids)))
     if explicit is not None:
-        explicit = [int(p) for p in explicit]
-        last = len(prompt_ids) - 1
-        bad = [p for p in explicit if not 1 <= p < last]
-        if not explicit or bad:
-            raise Cones2Error(f"token positions must be in [1, {last - 1}], got {explicit}", f"{field}.{name}.positions")
-        residual_starts = tuple(explicit)
+        last = len(prompt_ids) - 2
+        residual_starts = tuple(limits.positions(explicit, f"{field}.{name}.positions", last))
     elif not starts:
-        raise Cones2Error(f"subject {name!r} does not occur in the prompt", f"{field}.{name}")
+        raise Cones2Error(_not_found(tokenizer, prompt_ids, ids, name, prompt), f"{field}.{name}")
     else:
         residual_starts = tuple(starts)
     return SubjectTokens(name, tuple(ids), word_positions, residual_starts)
+
+
+def _not_found(tokenizer, prompt_ids: list[int], ids: list[int], name: str, prompt: str | None) -> str:
+    """Why `name` is not among the prompt's tokens: absent, or past the text encoder's cut-off."""
+    kept = SEQ_LEN - 2
+    if prompt is not None:
+        full = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=100 * SEQ_LEN).input_ids
+        hits = occurrences([None, *full], ids)
+        if hits:
+            return (f"subject {quote(name)} lies past the prompt's {SEQ_LEN}-token limit (it starts at token "
+                    f"{hits[0]}; the text encoder reads tokens 1..{kept} only): move it earlier or shorten the prompt")
+    elif prompt_ids[-2] not in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        return (f"subject {quote(name)} does not occur in the first {kept} tokens of the prompt "
+                f"(the prompt fills all {SEQ_LEN} tokens; a word past that limit is cut off)")
+    return f"subject {quote(name)} does not occur in the prompt"

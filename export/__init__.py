@@ -8,6 +8,9 @@ and TensorRT runners for the engine's sampler.
   onnx_export    export + onnx.checker + parity (verify) + manifest
   ort_backend    backend="onnxruntime" (OrtUNetRunner), OrtTextEncoder, OrtVaeDecoder
   trt_build      TensorRT / TensorRT-RTX engine builder (shared), trt_backend: backend="tensorrt"
+  backends       registers those runners in `cones2.backends` (found via the `cones2.backends` entry point)
 
-Nothing here is imported by `cones2` itself; the runners are looked up lazily by name.
+Nothing here is imported by the `cones2` core; the registry finds it through the entry point.
 """
+
+from . import backends  # noqa: E402,F401  (registers onnxruntime, tensorrt and the onnx attention backend)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cones2.attention import HARD_MASK, register_backend
+from cones2.attention import HARD_MASK
 
 NAME = "onnx"
 
@@ -38,4 +38,3 @@ class GraphAttention:
         return (torch.softmax(logits, dim=-1) @ v.float()).to(q.dtype)
 
 
-register_backend(NAME, GraphAttention)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from cones2.errors import Cones2Error
+from cones2.outputs import output_folder
 
 from .contracts import ModelFacts
 
@@ -68,24 +67,11 @@ def check_size(manifest: dict, height: int, width: int, field: str) -> None:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Before any work: `out` is new, empty or `overwrite` is given, and a folder can be written
+    beside it (the export is built there and renamed into place by `cones2.atomic.atomic_directory`)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise Cones2Error(f"{out} exists and is not empty (pass --overwrite to replace it)", "out")
-
-
-def scratch_dir(out: Path) -> Path:
-    """A fresh folder beside `out` (same filesystem, so `publish` is one rename), umask permissions."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    scratch.chmod(0o777 & ~umask)
-    return scratch
-
-
-def publish(scratch: Path, out: Path) -> None:
-    """Replace `out` by the finished `scratch` folder."""
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(scratch, out)
+    if out.exists() and not out.is_dir():
+        output_folder(out.parent, "out")        # --overwrite replaces a file: its folder takes the new one
+    else:
+        output_folder(out, "out", replaced=True)

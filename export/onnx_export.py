@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -22,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 import cones2
+from cones2.atomic import atomic_directory
 from cones2.errors import Cones2Error
 
 from .contracts import Contract, ModelFacts, contracts
-from .manifest import check_output_dir, publish, scratch_dir, write_manifest
+from .manifest import check_output_dir, write_manifest
 from .unet_wrapper import TextEncoderWrapper, UNetExportWrapper, VaeDecoderWrapper, routed_by_level
 
 MIN_OPSET = 18
@@ -74,8 +74,7 @@ def export_onnx(model: str | os.PathLike | None, out_dir: str | os.PathLike, *, 
     cons = contracts(facts, DTYPES[dtype])
     height, width = static or (facts.default_resolution,) * 2
 
-    scratch = scratch_dir(out)
-    try:
+    with atomic_directory(out) as scratch:   # built beside `out`, renamed into place when complete
         entries = {}
         modules = {"unet": UNetExportWrapper(components.unet, list(facts.attention_levels)),
                    "text_encoder": TextEncoderWrapper(components.text_encoder),
@@ -108,10 +107,7 @@ def export_onnx(model: str | os.PathLike | None, out_dir: str | os.PathLike, *, 
             "verified": bool(verify),
         }
         write_manifest(scratch, manifest)
-        publish(scratch, out)
-        return manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest
 
 
 def _export_one(module: torch.nn.Module, contract: Contract, path: Path, opset: int, static, height: int,

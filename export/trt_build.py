@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 import cones2
+from cones2.atomic import atomic_directory
 from cones2.errors import Cones2Error
 
 from .contracts import ShapePoint, check_profile, contracts, default_profile
-from .manifest import check_output_dir, facts, publish, read_manifest, scratch_dir, write_manifest
+from .manifest import check_output_dir, facts, read_manifest, write_manifest
 
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL_HINT = {
@@ -107,8 +107,7 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fl
     strongly_typed = not (fp16 and not half_export)
     cons = contracts(model_facts)
 
-    scratch = scratch_dir(out)
-    try:
+    with atomic_directory(out) as scratch:   # built beside `out`, renamed into place when complete
         entries = {}
         for name in tqdm(models, desc=f"build {flavour}", disable=not progress):
             profile = cons[name].profile(low, opt, high)
@@ -129,7 +128,4 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fl
             "onnx_dir": str(Path(onnx_dir).resolve()),
         }
         write_manifest(scratch, manifest)
-        publish(scratch, out)
-        return manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest

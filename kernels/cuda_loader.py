@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cones2.errors import Cones2Error
+from .errors import KernelArgumentError, KernelUnavailableError
 
 LIBRARY_NAME = "libcones2_rca.so"
 ABI_VERSION = 1
@@ -38,22 +38,22 @@ _LIB: ctypes.CDLL | None = None
 
 
 def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Open (once) and type the library; Cones2Error if it is missing or of another ABI."""
+    """Open (once) and type the library; KernelUnavailableError if it is missing or of another ABI."""
     global _LIB
     if _LIB is not None and path is None:
         return _LIB
     paths = [Path(path)] if path is not None else library_candidates()
     target = next((p for p in paths if p.is_file()), None)
     if target is None:
-        raise Cones2Error(f"{LIBRARY_NAME} not found (looked in {', '.join(map(str, paths))}); build it with "
+        raise KernelUnavailableError(f"{LIBRARY_NAME} not found (looked in {', '.join(map(str, paths))}); build it with "
                           "`make cuda` or set CONES2_RCA_LIBRARY", "cuda_library")
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:
-        raise Cones2Error(f"cannot load {target}: {exc}", "cuda_library") from None
+        raise KernelUnavailableError(f"cannot load {target}: {exc}", "cuda_library") from None
     lib.cones2_rca_abi_version.restype = ctypes.c_int
     if lib.cones2_rca_abi_version() != ABI_VERSION:
-        raise Cones2Error(f"{target} has ABI {lib.cones2_rca_abi_version()}, this loader needs {ABI_VERSION}",
+        raise KernelUnavailableError(f"{target} has ABI {lib.cones2_rca_abi_version()}, this loader needs {ABI_VERSION}",
                           "cuda_library")
     lib.cones2_rca_last_error.restype = ctypes.c_char_p
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
@@ -74,25 +74,25 @@ def rectified_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_cuda:
-            raise Cones2Error("must be a 4-D CUDA tensor", name)
+            raise KernelArgumentError("must be a 4-D CUDA tensor", name)
         if t.dtype != q.dtype or t.device != q.device:
-            raise Cones2Error("must match q's dtype and device", name)
+            raise KernelArgumentError("must match q's dtype and device", name)
     if q.dtype not in _DTYPE_CODES:
-        raise Cones2Error(f"dtype {q.dtype} is not supported (float32, float16, bfloat16)", "q")
+        raise KernelArgumentError(f"dtype {q.dtype} is not supported (float32, float16, bfloat16)", "q")
     B, H, N, d = q.shape
     M = k.shape[2]
     if k.shape != (B, H, M, d) or v.shape != k.shape:
-        raise Cones2Error(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be ({B}, {H}, M, {d})", "k")
+        raise KernelArgumentError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be ({B}, {H}, M, {d})", "k")
     if d > MAX_HEAD_DIM or M > MAX_KEYS:
-        raise Cones2Error(f"d={d}, M={M}: the CUDA kernel takes d <= {MAX_HEAD_DIM} and M <= {MAX_KEYS}", "q")
+        raise KernelArgumentError(f"d={d}, M={M}: the CUDA kernel takes d <= {MAX_HEAD_DIM} and M <= {MAX_KEYS}", "q")
     out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     if N == 0:
         return out
     if weight is not None:
         if weight.shape != (B, N, M):
-            raise Cones2Error(f"shape {tuple(weight.shape)} must be ({B}, {N}, {M})", "weight")
+            raise KernelArgumentError(f"shape {tuple(weight.shape)} must be ({B}, {N}, {M})", "weight")
         if coef is None or tuple(torch.as_tensor(coef).shape) != (B,):
-            raise Cones2Error(f"must be a ({B},) tensor when a weight is given", "coef")
+            raise KernelArgumentError(f"must be a ({B},) tensor when a weight is given", "coef")
         weight = weight.to(device=q.device, dtype=torch.float32)
         coef = torch.as_tensor(coef, dtype=torch.float32, device=q.device).contiguous()
     strides = Strides((ctypes.c_int64 * 4)(*q.stride()), (ctypes.c_int64 * 4)(*k.stride()),
@@ -108,5 +108,5 @@ def rectified_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out.data_ptr(), B, H, N, M, d, float(d ** -0.5 if scale is None else scale), ctypes.byref(strides),
             moments.data_ptr(), stream)
     if rc != 0:
-        raise Cones2Error(f"CUDA kernel failed ({rc}): {lib.cones2_rca_last_error().decode()}", "cuda_library")
+        raise KernelUnavailableError(f"CUDA kernel failed ({rc}): {lib.cones2_rca_last_error().decode()}", "cuda_library")
     return out

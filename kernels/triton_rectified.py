@@ -21,62 +21,34 @@ Two steps per call:
 Hard mask: weight <= -1e4 with coef > 0 gives probability exactly 0 (the logit is -inf before the
 exponential), in fp32, fp16 and bf16; a fully masked row (impossible with a start token) gives 0,
 never NaN. All arithmetic after the loads is fp32; fp32 inputs use IEEE (not TF32) products.
-Tile sizes are autotuned per (N, M, d, dtype) on first use of a shape (a few seconds; the choice is
-cached on disk in Triton's cache); under TRITON_INTERPRET=1 the list collapses to one config.
+Tiles: fp16/bf16 launches autotune over at most a handful of configs per bucketed key (N rounded
+up to one of 4 buckets, M, padded d, dtype; the choice is cached on disk in Triton's cache); fp32
+launches take one fixed config; under TRITON_INTERPRET=1 everything runs one config (`tuning`).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from cones2.errors import Cones2Error
+from . import tuning
+from .errors import KernelArgumentError
+from .tuning import MIN_PREPASS_BLOCK_N, interpreting
 
 HARD_MASK = tl.constexpr(-1e4)  # weight <= HARD_MASK with coef > 0: probability exactly 0 (SPEC 3)
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_PREPASS_BLOCK_N = 32  # sizes the pre-pass partials buffer: no pre-pass config may use fewer rows
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _attention_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bn in (32, 64, 128) for bm in (64, 128) for w in (4, 8) for s in (1, 2)]
-
-
-def _prepass_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=1)
-            for bn in (MIN_PREPASS_BLOCK_N, 64, 128) for bm in (64, 128) for w in (4, 8)]
-
-
-def _prune(configs, named_args, **_):
-    """Drop tiles much larger than the problem (128 keys for M = 16, 128 rows for N = 16)."""
-    n, m = named_args["N"], named_args["M"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
-            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
-    return keep or configs[:1]
 
 
 # ---- std pre-pass ---------------------------------------------------------------------------------
-@triton.autotune(configs=_prepass_configs(), key=["N", "M", "BLOCK_D", "F32_DOT"],
-                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _logit_moments_kernel(q_ptr, k_ptr, coef_ptr, part_ptr, meta_ptr,
                           sqb, sqh, sqn, sqd, skb, skh, skm, skd, spart_b, SLOTS_PER_HEAD,
-                          H, N, M, D, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
+                          H, N, M, D, N_BUCKET, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per (head, row block): count, mean and centred sum of squares of its S tile -> part (3, B, H * SLOTS_PER_HEAD),
-    slot h * SLOTS_PER_HEAD + row block; meta <- the tuned BLOCK_N, so the merge knows the used slots."""
+    slot h * SLOTS_PER_HEAD + row block; meta <- the used BLOCK_N, so the merge knows the used slots.
+    N_BUCKET is read by the autotuner only (its key); rows are masked with the real N."""
     h, nb, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     active = tl.load(coef_ptr + b) != 0.0          # coef == 0: std never used, skip the loads
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,6 +88,9 @@ def _logit_moments_kernel(q_ptr, k_ptr, coef_ptr, part_ptr, meta_ptr,
     tl.store(part_ptr + (2 * tl.num_programs(2) + b) * spart_b + slot, m2)
 
 
+_logit_moments_tuned = tuning.autotune("prepass")(_logit_moments_kernel)
+
+
 @triton.jit
 def _merge_moments_kernel(part_ptr, meta_ptr, sd_ptr, spart_b, B, N, SLOTS_PER_HEAD, P, BLOCK_P: tl.constexpr):
     """One program per sample: Chan-merge the used partials into the unbiased std (0 if skipped)."""
@@ -145,16 +120,15 @@ def _merge_moments_kernel(part_ptr, meta_ptr, sd_ptr, spart_b, B, N, SLOTS_PER_H
 
 
 # ---- fused attention ------------------------------------------------------------------------------
-@triton.autotune(configs=_attention_configs(), key=["N", "M", "BLOCK_D", "F32_DOT", "HAS_WEIGHT"],
-                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def _rectified_attention_kernel(q_ptr, k_ptr, v_ptr, w_ptr, coef_ptr, sd_ptr, o_ptr,
                                 sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                                 swb, swn, swm, sob, soh, son, sod,
-                                H, N, M, D, qk_scale,
+                                H, N, M, D, qk_scale, N_BUCKET,
                                 HAS_WEIGHT: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One (head, block of BLOCK_N query rows, sample): streams all M keys, writes (BLOCK_N, d)."""
+    """One (head, block of BLOCK_N query rows, sample): streams all M keys, writes (BLOCK_N, d).
+    N_BUCKET is read by the autotuner only (its key); rows are masked with the real N."""
     h, nb, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -202,39 +176,42 @@ def _rectified_attention_kernel(q_ptr, k_ptr, v_ptr, w_ptr, coef_ptr, sd_ptr, o_
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+_rectified_attention_tuned = tuning.autotune("attention")(_rectified_attention_kernel)
+
+
 # ---- launchers ------------------------------------------------------------------------------------
+def _launch(tuned, kernel, grid, args, n: int, d: int, dtype: torch.dtype, **constexprs) -> None:
+    """fp16/bf16: through the bounded autotuner; fp32: the fixed config, nothing benchmarked."""
+    meta = {**tuning.launch_meta(n, d, dtype), **constexprs}
+    if tuning.is_tuned(dtype):
+        tuned[grid](*args, **meta)
+    else:
+        config = tuning.fixed_config(d)
+        kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            raise Cones2Error("must be a 4-D tensor (B, H, tokens, d)", name)
+            raise KernelArgumentError("must be a 4-D tensor (B, H, tokens, d)", name)
         if t.dtype not in DTYPES:
-            raise Cones2Error(f"dtype {t.dtype} is not supported (float32, float16, bfloat16)", name)
+            raise KernelArgumentError(f"dtype {t.dtype} is not supported (float32, float16, bfloat16)", name)
         if t.dtype != q.dtype or t.device != q.device:
-            raise Cones2Error(f"must match q's dtype and device ({q.dtype}, {q.device})", name)
+            raise KernelArgumentError(f"must match q's dtype and device ({q.dtype}, {q.device})", name)
     B, H, _, d = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != d:
-        raise Cones2Error(f"shape {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected ({B}, {H}, M, {d})", "k")
+        raise KernelArgumentError(f"shape {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected ({B}, {H}, M, {d})", "k")
     if v is not None and v.shape != k.shape:
-        raise Cones2Error(f"shape {tuple(v.shape)} must equal k's {tuple(k.shape)}", "v")
+        raise KernelArgumentError(f"shape {tuple(v.shape)} must equal k's {tuple(k.shape)}", "v")
     if d > MAX_HEAD_DIM:
-        raise Cones2Error(f"head dim {d} is larger than the kernel's {MAX_HEAD_DIM}", "q")
+        raise KernelArgumentError(f"head dim {d} is larger than the kernel's {MAX_HEAD_DIM}", "q")
     if k.shape[2] < 1:
-        raise Cones2Error("needs at least one key", "k")
+        raise KernelArgumentError("needs at least one key", "k")
     if q.device.type != "cuda" and not interpreting():
-        raise Cones2Error("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+        raise KernelArgumentError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                           f"got tensors on {q.device}", "q")
-
-
-def _f32_dot(dtype: torch.dtype) -> bool:
-    """Products in IEEE fp32: always for fp32 inputs (no TF32); for bf16 under the interpreter,
-    whose tl.dot multiplies bf16's raw uint16 storage (exact anyway: bf16 -> fp32 is lossless)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 def logit_std(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,8 +233,8 @@ def logit_std(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor | None = None
     def grid(meta_args):
         return (H, triton.cdiv(N, meta_args["BLOCK_N"]), B)
 
-    _logit_moments_kernel[grid](q, k, coef, part, meta, *q.stride(), *k.stride(), part.stride(1), per_head, H, N, M, d,
-                                F32_DOT=_f32_dot(q.dtype), BLOCK_D=_block_d(d))
+    _launch(_logit_moments_tuned, _logit_moments_kernel, grid,
+            (q, k, coef, part, meta, *q.stride(), *k.stride(), part.stride(1), per_head, H, N, M, d), N, d, q.dtype)
     _merge_moments_kernel[(B,)](part, meta, sd, part.stride(1), B, N, per_head, H * per_head,
                                 BLOCK_P=128 if interpreting() else 1024)
     return sd
@@ -266,7 +243,7 @@ def logit_std(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor | None = None
 def _coef(coef, B: int, device) -> torch.Tensor:
     coef = torch.as_tensor(coef, dtype=torch.float32, device=device)
     if coef.shape != (B,):
-        raise Cones2Error(f"shape {tuple(coef.shape)} must be ({B},), one coefficient per sample", "coef")
+        raise KernelArgumentError(f"shape {tuple(coef.shape)} must be ({B},), one coefficient per sample", "coef")
     return coef.contiguous()
 
 
@@ -292,16 +269,16 @@ def rectified_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_weight = weight is not None
     if has_weight:
         if coef is None:
-            raise Cones2Error("is required when a weight is given", "coef")
+            raise KernelArgumentError("is required when a weight is given", "coef")
         coef = _coef(coef, B, q.device)
         if not isinstance(weight, torch.Tensor) or weight.shape != (B, N, M):
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise Cones2Error(f"shape {got} must be ({B}, {N}, {M})", "weight")
+            raise KernelArgumentError(f"shape {got} must be ({B}, {N}, {M})", "weight")
         weight = weight.to(device=q.device, dtype=torch.float32)
         if sd is None:
             sd = logit_std(q, k, coef)
         elif sd.shape != (B,):
-            raise Cones2Error(f"shape {tuple(sd.shape)} must be ({B},)", "sd")
+            raise KernelArgumentError(f"shape {tuple(sd.shape)} must be ({B},)", "sd")
         sd = sd.to(device=q.device, dtype=torch.float32).contiguous()
         w_strides = weight.stride()
     else:
@@ -311,7 +288,7 @@ def rectified_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     def grid(meta):
         return (H, triton.cdiv(N, meta["BLOCK_N"]), B)
 
-    _rectified_attention_kernel[grid](q, k, v, weight, coef, sd, out, *q.stride(), *k.stride(), *v.stride(),
-                                      *w_strides, *out.stride(), H, N, M, d, scale * 1.4426950408889634,
-                                      HAS_WEIGHT=has_weight, F32_DOT=_f32_dot(q.dtype), BLOCK_D=_block_d(d))
+    _launch(_rectified_attention_tuned, _rectified_attention_kernel, grid,
+            (q, k, v, weight, coef, sd, out, *q.stride(), *k.stride(), *v.stride(), *w_strides, *out.stride(),
+             H, N, M, d, scale * 1.4426950408889634), N, d, q.dtype, HAS_WEIGHT=has_weight)
     return out

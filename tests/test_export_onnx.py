@@ -16,13 +16,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec_reference as ref  # noqa: E402
+from ci_support import import_or_skip  # noqa: E402
 from export_support import exported_onnx_dir  # noqa: E402
 
 import cones2  # noqa: E402
 from cones2.errors import Cones2Error  # noqa: E402
 
-onnx = pytest.importorskip("onnx", reason="ONNX export needs the [export] extra")
-ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra")
+onnx = import_or_skip("onnx", "ONNX export needs the [export] extra")
+ort = import_or_skip("onnxruntime", "ONNX export needs the [export] extra")
 
 PROMPT = "a dog and a mug on the beach"
 UNET_ATOL = 1e-4        # ORT vs the SPEC reference on the UNet output (seen: ~2e-6)

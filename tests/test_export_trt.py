@@ -9,6 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ci_support import import_or_skip  # noqa: E402
 from export_support import exported_onnx_dir  # noqa: E402
 
 import cones2  # noqa: E402
@@ -136,11 +137,8 @@ def _rtx():
 
 @pytest.fixture(scope="module")
 def rtx():
-    module = _rtx()
-    if module is None:
-        print("SKIP reason: tensorrt_rtx is not installed (pip install tensorrt-rtx); the TensorRT build is unverified")
-        pytest.skip("tensorrt_rtx is not installed (pip install tensorrt-rtx)")
-    return module
+    return import_or_skip("tensorrt_rtx", "tensorrt_rtx is not installed (pip install tensorrt-rtx); "
+                                          "the TensorRT build is unverified")
 
 
 def test_tensorrt_rtx_builds_the_unet_with_layout_profiles(rtx, tmp_path_factory, tmp_path, capsys):

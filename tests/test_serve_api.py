@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 
 import cones2
 import spec_reference as ref
-from cones2.client import Client, build_request
+from cones2.serve.client import Client, build_request
 from cones2.serve import cones2_pb2 as pb
 from cones2.serve.server import SERVICE_NAME, ServeOptions, Server
 from serve_support import make_residual, running_server

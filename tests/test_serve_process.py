@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from cones2.client import Client, build_request
+from cones2.serve.client import Client, build_request
 from serve_support import wait_for
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import cones2
-from cones2.client import Client, build_request
+from cones2.serve.client import Client, build_request
 from serve_support import make_residual, running_server, wait_for
 
 SIZE = 64

@@ -1,10 +1,13 @@
-"""Attention seam: backends (reference, sdpa, triton, ...), the per-call context, the processor."""
-from .backends import HARD_MASK, attention_backend_names, get_backend, register_backend, rectification_bias
+"""Attention seam: backends (reference, sdpa, triton, ...), the per-call context, the processor.
+
+Importing this package registers the built-in attention backends in `cones2.backends`.
+"""
+from ..backends import attention_backend as get_backend
+from . import triton_backend, xformers_backend  # noqa: F401  (register themselves; import nothing heavy)
+from .backends import HARD_MASK, rectification_bias
 from .context import AttentionContext, Rectification
 from .processor import Cones2AttnProcessor
 from .stats import logit_std
 
-__all__ = [
-    "HARD_MASK", "AttentionContext", "Cones2AttnProcessor", "Rectification", "attention_backend_names",
-    "get_backend", "logit_std", "rectification_bias", "register_backend",
-]
+__all__ = ["HARD_MASK", "AttentionContext", "Cones2AttnProcessor", "Rectification", "get_backend", "logit_std",
+           "rectification_bias"]

@@ -6,17 +6,14 @@ Every backend computes, for q (B, H, N, d) and k, v (B, H, M, d):
                                              coef (B,) float32; weight <= -1e4 with coef > 0 is a
                                              hard mask (probability exactly 0).
 `reference` is SPEC 3 written literally (materialised fp32 scores); every other backend is tested
-against it. Other backends register themselves here; the sampler never branches on names.
+against it. Each backend registers itself in `cones2.backends`; the sampler never branches on names.
 """
 from __future__ import annotations
-
-import importlib
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import Cones2Error
+from ..backends import ATTENTION, BackendSpec, register
 from .stats import logit_std
 
 HARD_MASK = -1e4
@@ -67,38 +64,8 @@ def rectification_bias(q, k, weight, coef, scale) -> torch.Tensor:
     return bias[:, None].to(q.dtype)
 
 
-_FACTORIES: dict[str, Callable[[], object]] = {
-    "reference": ReferenceBackend,
-    "sdpa": SdpaBackend,
-}
-# Backends that live in optional modules, imported on first use: name -> "module:attribute".
-_LAZY: dict[str, str] = {
-    "triton": "cones2.attention.triton_backend:TritonBackend",
-}
-_INSTANCES: dict[str, object] = {}
-
-
-def register_backend(name: str, factory: Callable[[], object]) -> None:
-    """Make `factory()` available as backend `name`."""
-    _FACTORIES[name] = factory
-    _INSTANCES.pop(name, None)
-
-
-def attention_backend_names() -> list[str]:
-    return sorted(set(_FACTORIES) | set(_LAZY))
-
-
-def get_backend(name: str) -> object:
-    """The backend called `name`; a Cones2Error says why when it cannot run here."""
-    if name in _INSTANCES:
-        return _INSTANCES[name]
-    if name not in _FACTORIES and name in _LAZY:
-        module, attr = _LAZY[name].split(":")
-        try:
-            _FACTORIES[name] = getattr(importlib.import_module(module), attr)
-        except ImportError as exc:
-            raise Cones2Error(f"attention backend {name!r} is not available here: {exc}", "backend") from None
-    if name not in _FACTORIES:
-        raise Cones2Error(f"unknown attention backend {name!r}; choose from {', '.join(attention_backend_names())}", "backend")
-    _INSTANCES[name] = _FACTORIES[name]()
-    return _INSTANCES[name]
+register(BackendSpec("reference", ATTENTION, ReferenceBackend,
+                     "SPEC 3 literally: fp32 scores materialised, torch.std (slow; the yardstick)"))
+register(BackendSpec("sdpa", ATTENTION, SdpaBackend,
+                     "torch SDPA with the rectification folded into an additive mask, closed-form std",
+                     default_on=("cpu", "cuda", "mps"), priority=10))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import get_backend
+from ..backends import attention_backend as get_backend
 from .context import AttentionContext
 
 

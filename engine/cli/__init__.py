@@ -1,20 +1,21 @@
 """`cones2-engine` command line: one module per subcommand, each with `register(subparsers)`.
 
-User mistakes (Cones2Error, bad flags) print one line and exit 2; Ctrl-C exits 130.
+User mistakes (Cones2Error, bad flags, unwritable outputs) print one line and exit 2; Ctrl-C exits
+130 (`exit_codes.run_cli`, shared with `cones2-train`).
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-from ..errors import Cones2Error
+from .exit_codes import run_cli
+from .parser import ArgumentParser
 
-SUBCOMMANDS = ["generate", "info", "serve", "client", "export", "bench"]
+SUBCOMMANDS = ["generate", "info", "serve", "client", "export"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cones2-engine", description="Cones 2 multi-subject, layout-guided generation.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="cones2-engine", description="Cones 2 multi-subject, layout-guided generation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -28,16 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except Cones2Error as exc:
-        print(f"cones2-engine {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cones2-engine {args.command}: interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(argv)
+    return run_cli(f"cones2-engine {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

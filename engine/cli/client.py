@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
+from ..atomic import atomic_write
 from ..errors import Cones2Error
+from ..outputs import output_file
 from .common import key_value, numbers
 
 
@@ -64,8 +64,8 @@ def register(sub) -> None:
 
 
 def _client(args):
-    from ..client import Client
     from ..serve.auth import read_token_file
+    from ..serve.client import Client
 
     token = read_token_file(args.token_file) if args.token_file else None
     return Client(args.target, token=token, tls=args.tls, tls_ca=args.tls_ca, timeout=args.timeout)
@@ -84,12 +84,10 @@ def _call(args, fn) -> int:
 
 
 def run_generate(args) -> int:
-    from ..client import GenerateResult, build_request
+    from ..serve.client import GenerateResult, build_request
 
-    out = Path(args.out)
-    output = {".png": "png", ".safetensors": "latents"}.get(out.suffix.lower())
-    if output is None:
-        raise Cones2Error(f"must end in .png or .safetensors, got {out}", "--out")
+    out = output_file(args.out, "out", (".png", ".safetensors"))   # checked before the server works
+    output = {".png": "png", ".safetensors": "latents"}[out.suffix.lower()]
     if args.resolution and (args.width or args.height):
         raise Cones2Error("give --resolution or --width/--height, not both", "--resolution")
     subjects = dict(key_value(s, "--subject") for s in args.subject)
@@ -121,7 +119,7 @@ def run_generate(args) -> int:
                     result = GenerateResult.from_pb(event.result)
         else:
             result = client.generate_request(request)
-        _atomic_write(out, result.png if output == "png" else result.latents_safetensors)
+        atomic_write(out, result.png if output == "png" else result.latents_safetensors)
         t = result.timings
         print(f"wrote {out}  (seed {result.seed}, {t.get('total', 0):.2f}s on the server, "
               f"queued {t.get('queue', 0):.2f}s, batch of {result.batch_size})")
@@ -165,16 +163,3 @@ def run_info(args) -> int:
 
     return _call(args, go)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

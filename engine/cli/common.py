@@ -1,9 +1,10 @@
-"""Flags and parsing shared by subcommands (model, device, dtype, backend, KEY=VALUE pairs)."""
+"""Flags and parsing shared by subcommands (model, device, dtype, backend, threads, KEY=VALUE pairs)."""
 from __future__ import annotations
 
 import argparse
 
-from ..errors import Cones2Error
+from .. import limits
+from ..errors import Cones2Error, quote
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -16,37 +17,56 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt", default=None, help="TensorRT engine directory, for --backend tensorrt")
 
 
-def load_engine(args):
-    """An Engine from the model flags."""
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: measured rule of cones2.threads; OMP_NUM_THREADS is respected)")
+
+
+def check_model_flags(args) -> dict:
+    """Check device, dtype and backend flags without loading anything (a bad value answers at once);
+    returns the keyword arguments for `Engine.from_pretrained`."""
+    from ..backends import get_spec, why_unavailable
+    from ..loading import parse_device, parse_dtype
+
+    device = parse_device(args.device)
+    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    parse_dtype(dtype, device)
+    options = {}
+    if args.backend is not None:
+        spec = get_spec(args.backend)
+        why = why_unavailable(args.backend, device)
+        if why is not None:
+            raise Cones2Error(f"{quote(args.backend)} cannot run on {device.type}: {why}", "backend")
+        for need, flag, target in (("onnx_dir", "onnx", "onnx"), ("engine_dir", "trt", "tensorrt")):
+            if need in spec.needs:
+                if not getattr(args, flag, None):
+                    raise Cones2Error(f"--backend {args.backend} needs --{flag} DIR "
+                                      f"(see `cones2-engine export {target}`)", flag)
+                options[need] = getattr(args, flag)
+    return {"device": args.device, "dtype": dtype, "backend": args.backend, "backend_options": options}
+
+
+def load_engine(args, checked: dict | None = None):
+    """An Engine from the model flags (`checked`: what `check_model_flags` returned, if already called)."""
     from ..engine import Engine
 
-    dtype = args.dtype or ("fp16" if str(args.device).startswith("cuda") else "fp32")
-    options = {}
-    if args.backend == "onnxruntime":
-        if not args.onnx:
-            raise Cones2Error("--backend onnxruntime needs --onnx DIR (see `cones2-engine export onnx`)", "onnx")
-        options["onnx_dir"] = args.onnx
-    if args.backend == "tensorrt":
-        if not args.trt:
-            raise Cones2Error("--backend tensorrt needs --trt DIR (see `cones2-engine export tensorrt`)", "trt")
-        options["engine_dir"] = args.trt
-    return Engine.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend,
-                                  backend_options=options)
+    return Engine.from_pretrained(args.model, **(checked or check_model_flags(args)))
 
 
 def key_value(text: str, flag: str) -> tuple[str, str]:
-    """Split NAME=VALUE; a clear error names the flag otherwise."""
+    """Split NAME=VALUE (NAME a subject word); a clear error names the flag otherwise."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip() or not value.strip():
-        raise Cones2Error(f"expected NAME=VALUE, got {text!r}", flag)
-    return name.strip(), value.strip()
+        raise Cones2Error(f"expected NAME=VALUE, got {quote(text)}", flag)
+    return limits.name(name.strip(), flag), value.strip()
 
 
 def numbers(text: str, flag: str, count: int | None = None) -> list[float]:
+    """Comma-separated numbers (exactly `count` of them when given)."""
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
-        raise Cones2Error(f"expected comma-separated numbers, got {text!r}", flag) from None
+        raise Cones2Error(f"expected comma-separated numbers, got {quote(text)}", flag) from None
     if count is not None and len(vals) != count:
-        raise Cones2Error(f"expected {count} numbers, got {len(vals)} in {text!r}", flag)
+        raise Cones2Error(f"expected {count} numbers, got {len(vals)} in {quote(text)}", flag)
     return vals

@@ -1,21 +1,34 @@
-"""`cones2-engine generate`: prompt + residuals + layout -> PNG (flags or a reference JSON config)."""
+"""`cones2-engine generate`: prompt + residuals + layout -> PNG (flags or a reference JSON config).
+
+Everything that can be checked without the model (flags, residual files, layout, output paths,
+device, dtype, backend) is checked before it loads, so a bad value answers in well under a second.
+"""
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import dataclasses
+import io
 from pathlib import Path
 
+from ..atomic import atomic_write
+from ..config import SamplingConfig
+from ..engine import GenerationRequest
 from ..errors import Cones2Error
 from ..layout import Layout
+from ..limits import positions as check_positions
+from ..outputs import output_file
 from ..residual import Residual
-from .common import add_model_flags, key_value, load_engine, numbers
+from ..threads import configure_threads
+from .common import add_model_flags, add_threads_flag, check_model_flags, key_value, load_engine, numbers
+
+PLACEHOLDER_SIDE = 64   # stands in for a side the model decides, while the other settings are checked
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an image", description=__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(p)
+    add_threads_flag(p)
     p.add_argument("--config", help="reference-implementation inference config (JSON); flags override it")
     p.add_argument("--prompt")
     p.add_argument("--subject", action="append", default=[], metavar="NAME=RESIDUAL",
@@ -26,13 +39,13 @@ def register(sub) -> None:
                    help="layout box for a subject, normalised to [0, 1] (or pixels with --box-units pixels)")
     p.add_argument("--box-units", choices=["normalized", "pixels"], default="normalized")
     p.add_argument("--strength", action="append", default=[], metavar="NAME=W",
-                   help="layout strength w+ for a subject (default 2.5)")
+                   help="layout strength w+ for a subject, in [0, 1e4] (default 2.5)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--steps", type=int, default=None, help="default 50")
+    p.add_argument("--steps", type=int, default=None, help="default 50, at most 1000")
     p.add_argument("--guidance-steps", type=int, default=None, help="default: all steps")
-    p.add_argument("--guidance-weight", type=float, default=None, help="default 0.08")
-    p.add_argument("--cfg", type=float, default=None, help="default 7.5")
-    p.add_argument("--negative-weight", type=float, default=None, help="default -1e8")
+    p.add_argument("--guidance-weight", type=float, default=None, help="in [0, 10], default 0.08")
+    p.add_argument("--cfg", type=float, default=None, help="in [0, 100], default 7.5")
+    p.add_argument("--negative-weight", type=float, default=None, help="in [-1e9, 0], default -1e8")
     p.add_argument("--resolution", type=int, help="square output size (multiple of 64)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -45,38 +58,50 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    inputs = _inputs(args)            # every user file and flag is checked before the model loads
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise Cones2Error(f"must end in .png, got {out}", "out")
-    engine = load_engine(args)
-    size = args.resolution
-    result = engine.generate(inputs["prompt"], inputs["subjects"], inputs["layout"],
-                             subject_positions=inputs["positions"],
-                             height=args.height or size, width=args.width or size, mode=args.mode,
-                             progress=not args.no_progress, **inputs["settings"])
-    from ..image import draw_layout, png_info
+    configure_threads(args.threads)
+    request, sides = _request(args)          # every flag and user file
+    outputs = _outputs(args, request)        # where it writes: checked before any work, nothing written yet
+    model_flags = check_model_flags(args)    # device, dtype, backend: all before the model loads
+    engine = load_engine(args, model_flags)
+    if None in sides:                        # a side left to the model: its training resolution
+        size = engine.default_resolution
+        config = dataclasses.replace(request.config, height=sides[0] or size, width=sides[1] or size)
+        request = dataclasses.replace(request, config=config)
+    [result] = engine.generate_batch([request], progress=not args.no_progress)
 
-    params = result.parameters() | {"model": engine.components.model_id, "backend": args.backend or engine.default_backend}
-    _atomic_write(out, lambda f: result.image.save(f, format="PNG", pnginfo=png_info(params)))
-    written = [str(out)]
-    if args.preview and inputs["layout"] is not None:
-        preview = out.with_suffix(".preview.png")
-        masks = inputs["layout"].masks(result.image.height, result.image.width)
-        _atomic_write(preview, lambda f: draw_layout(result.image, masks).save(f, format="PNG"))
-        written.append(str(preview))
-    if args.save_latents:
+    atomic_write(outputs["out"], result.png())
+    written = [str(outputs["out"])]
+    if "preview" in outputs:
+        from ..image import draw_layout
+
+        masks = request.layout.masks(result.image.height, result.image.width)
+        atomic_write(outputs["preview"], _png_bytes(draw_layout(result.image, masks)))
+        written.append(str(outputs["preview"]))
+    if "latents" in outputs:
         from safetensors.torch import save
 
+        params = result.parameters() | {"model": engine.components.model_id, "backend": engine.default_backend}
         tensors = {"latents": result.latents.contiguous(), "cond_embeddings": result.cond_embeddings.contiguous()}
-        _atomic_write(Path(args.save_latents), lambda f: f.write(save(tensors, metadata={k: str(v) for k, v in params.items()})))
-        written.append(args.save_latents)
+        atomic_write(outputs["latents"], save(tensors, metadata={k: str(v) for k, v in params.items()}))
+        written.append(str(outputs["latents"]))
     t = result.timings
     print(f"wrote {', '.join(written)}  ({t['total']:.2f}s: sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s)")
     return 0
 
 
-def _inputs(args) -> dict:
+def _outputs(args, request: GenerationRequest) -> dict[str, Path]:
+    """Every file this run writes, checked writable (suffix, not a folder, a folder that takes files)."""
+    out = output_file(args.out, "out", (".png",))
+    outputs = {"out": out}
+    if args.preview and request.layout is not None:
+        outputs["preview"] = output_file(out.with_suffix(".preview.png"), "preview", (".png",))
+    if args.save_latents:
+        outputs["latents"] = output_file(args.save_latents, "save-latents", (".safetensors",))
+    return outputs
+
+
+def _request(args) -> tuple[GenerationRequest, tuple[int | None, int | None]]:
+    """The validated request (a placeholder stands in for sides the model decides) and the sides given."""
     prompt, subjects, positions, layout, settings = None, {}, None, None, {}
     if args.config:
         from .reference_config import load_reference_config
@@ -92,7 +117,7 @@ def _inputs(args) -> dict:
     for item in args.position:
         name, idx = key_value(item, "--position")
         positions = dict(positions or {})
-        positions[name] = [int(v) for v in numbers(idx, f"--position {name}") if v == int(v)]
+        positions[name] = check_positions(numbers(idx, f"--position {name}"), f"--position {name}")
     if args.box:
         boxes = dict(key_value(b, "--box") for b in args.box)
         strengths = {n: numbers(v, f"--strength {n}", 1)[0] for n, v in (key_value(s, "--strength") for s in args.strength)}
@@ -104,19 +129,17 @@ def _inputs(args) -> dict:
                       ("guidance_weight", "guidance_weight"), ("cfg", "cfg_scale"), ("negative_weight", "negative_weight")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
-    if args.resolution and (args.height or args.width):
+    if args.resolution is not None and (args.height is not None or args.width is not None):
         raise Cones2Error("give --resolution or --height/--width, not both", "--resolution")
-    return {"prompt": prompt, "subjects": subjects, "positions": positions, "layout": layout, "settings": settings}
+    sides = tuple(args.resolution if side is None else side for side in (args.height, args.width))
+    config = SamplingConfig(height=PLACEHOLDER_SIDE if sides[0] is None else sides[0],
+                            width=PLACEHOLDER_SIDE if sides[1] is None else sides[1], mode=args.mode, **settings)
+    if layout is not None and None not in sides:
+        layout.masks(config.height, config.width)      # a region that vanishes at this size
+    return GenerationRequest(prompt, subjects, layout, config, positions), sides
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder and rename: an error never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -3,5 +3,5 @@
 server.py wires gRPC, health, reflection, auth, TLS and metrics; service.py holds the RPC handlers
 and the exception -> status mapping; worker.py the bounded queue and the batching worker threads;
 validation.py turns requests into `GenerationRequest`s; residual_store.py keeps uploaded residuals
-on disk. Clients: `cones2.client.Client` and `cones2-engine client`. See docs/serve.md.
+on disk. Clients: `cones2.serve.client.Client` and `cones2-engine client`. See docs/serve.md.
 """

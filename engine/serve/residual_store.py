@@ -3,8 +3,9 @@
 A residual's id is the sha256 of its *canonical* safetensors bytes (header JSON with sorted keys,
 then the float32 rows), so the same residual always gets the same id whatever key order the uploader's
 writer used. Ids are the only names clients give; they are checked against a strict pattern, so no
-client string ever becomes a path. Files are written atomically (temp file, fsync, rename) and
-re-hashed when read, so a crash or a corrupted file never yields a wrong residual.
+client string ever becomes a path. Files are written by `cones2.atomic.atomic_write(durable=True)`
+(temp file, fsync, rename, folder fsync) and re-hashed when read, so a crash or a corrupted file
+never yields a wrong residual.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import Cones2Error
-from ..residual import Residual
+from .. import Cones2Error, Residual
+from ..atomic import atomic_write
+from ..errors import quote
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ def residual_id(residual: Residual) -> str:
 def check_id(rid: str, field: str) -> str:
     """`rid` if it is a well-formed id (64 lowercase hex digits), else a Cones2Error naming `field`."""
     if not isinstance(rid, str) or not ID_PATTERN.match(rid):
-        shown = rid if isinstance(rid, str) and len(rid) <= 80 else f"{str(rid)[:80]}..."
-        raise Cones2Error(f"must be a residual id (64 lowercase hex digits), got {shown!r}", field)
+        raise Cones2Error(f"must be a residual id (64 lowercase hex digits), got {quote(rid)}", field)
     return rid
 
 
@@ -111,7 +111,7 @@ class ResidualStore:
                 return self._info(rid, residual, len(blob)), False
             if self._count() >= self.max_entries:
                 raise StoreFull(f"the residual store holds its maximum of {self.max_entries} residuals")
-            _atomic_write(path, blob)
+            atomic_write(path, blob, durable=True)
             self._remember(rid, residual)
         return self._info(rid, residual, len(blob)), True
 
@@ -193,21 +193,8 @@ class ResidualStore:
                 pass
 
 
-def _atomic_write(path: Path, blob: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _fsync_dir(folder: Path) -> None:
+    """Make a deletion durable (the folder's entry list reaches the disk)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

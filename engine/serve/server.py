@@ -3,7 +3,7 @@
     server = Server(lambda: Engine.from_pretrained(path), ServeOptions(port=50051)).start()
     server.wait_ready()            # health turns SERVING once every worker's engine is warm
     ...
-    server.stop()                  # stop accepting, finish in-flight work (bounded grace), release
+    server.stop()                  # NOT_SERVING, finish in-flight work (bounded grace), close the port
 
 The handlers (service.py) only validate, enqueue and wait; all model work happens on the worker
 threads (worker.py), one engine each.
@@ -12,29 +12,31 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from ..engine import Engine
-from ..errors import Cones2Error
+from .. import Cones2Error, Engine, cache_root
 from . import cones2_pb2 as pb
-from . import cones2_pb2_grpc as pb_grpc
 from .auth import BearerTokenInterceptor
+from .handlers import add_service
 from .metrics import Metrics
 from .residual_store import ResidualStore
-from .service import Cones2Servicer, NotReady
-from .validation import Limits, ThreadSafeTokenizer
+from .service import Cones2Servicer, InFlight, NotReady
+from .validation import Limits
 from .worker import JobQueue, ShuttingDown, Worker
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Cones2Service"].full_name   # "cones2.v1.Cones2Service"
+SERVICE = pb.DESCRIPTOR.services_by_name["Cones2Service"]
+SERVICE_NAME = SERVICE.full_name   # "cones2.v1.Cones2Service"
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 DEFAULT_MAX_MESSAGE_BYTES = 32 << 20
 
 
@@ -44,8 +46,7 @@ class ServeOptions:
 
     tls_cert/tls_key: PEM bytes (both or neither). auth_token: required bearer token, or None.
     metrics_port: serve Prometheus metrics over HTTP on host:port (None = off, 0 = any free port).
-    grace_seconds: how long `stop` lets in-flight requests finish. step_delay: TESTS ONLY, sleeps
-    after every sampling step so tiny models are slow enough to test queueing and deadlines.
+    grace_seconds: how long `stop` lets in-flight requests finish (health says NOT_SERVING meanwhile).
     """
 
     host: str = "127.0.0.1"
@@ -61,7 +62,6 @@ class ServeOptions:
     auth_token: str | None = None
     metrics_port: int | None = None
     grace_seconds: float = 30.0
-    step_delay: float = 0.0
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "workers"):
@@ -84,10 +84,10 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.workers = [Worker(f"cones2-worker-{i}", engine_factory, self.jobs, max_batch=o.max_batch,
-                               on_batch=self.metrics.batch_size.observe, step_delay=o.step_delay)
+                               on_batch=self.metrics.batch_size.observe)
                         for i in range(o.workers)]
         self.engine: Engine | None = None
-        self.tokenizer: ThreadSafeTokenizer | None = None
+        self.inflight = InFlight()
         self.store: ResidualStore | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -112,10 +112,11 @@ class Server:
             ("grpc.max_send_message_length", o.max_message_bytes),
             ("grpc.so_reuseport", 0),        # a second server on the same port must fail, not share it
         ])
-        pb_grpc.add_Cones2ServiceServicer_to_server(Cones2Servicer(self), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        undecodable = lambda m: self.metrics.observe(m, "INVALID_ARGUMENT", 0.0)  # noqa: E731
+        add_service(self._grpc, Cones2Servicer(self), SERVICE, on_reject=undecodable)
+        add_service(self._grpc, self.health, HEALTH)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, HEALTH.full_name, reflection.SERVICE_NAME),
             self._grpc)
         address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
         try:
@@ -155,16 +156,23 @@ class Server:
         return True
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish for up to `grace` seconds, then cancel the rest."""
+        """Drain, then close: health turns NOT_SERVING and new calls get UNAVAILABLE while in-flight
+        requests get up to `grace` seconds to finish with the port still open (so probes see
+        NOT_SERVING, not a closed port); then the port closes and whatever is left is cancelled."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.options.grace_seconds if grace is None else grace
+        end = time.monotonic() + grace
         self._accepting = False
         self.health.enter_graceful_shutdown()
         self.metrics.ready.set(0)
         if self._grpc is not None:
-            self._grpc.stop(grace).wait(grace + 5)
+            if grace > 0:
+                log.info("draining: health NOT_SERVING, waiting up to %gs for requests in flight", grace)
+                self.inflight.wait_idle(grace)
+            left = max(0.0, end - time.monotonic())
+            self._grpc.stop(left).wait(left + 5)
         for job in self.jobs.close():
             job.cancel("the server stopped")
         for w in self.workers:
@@ -198,11 +206,8 @@ class Server:
             if failed:
                 raise failed[0]
             self.engine = self.workers[0].engine
-            self.tokenizer = ThreadSafeTokenizer(self.engine.tokenizer)   # the worker keeps the engine's own
             root = self.options.residual_store
             if root is None:
-                from ..default_model import cache_root
-
                 root = cache_root() / "residuals"
             self.store = ResidualStore(root, self.engine.text_dim, max_bytes=self.options.limits.max_residual_bytes)
         except BaseException as exc:  # noqa: BLE001 (reported by wait_ready; health stays NOT_SERVING)

@@ -3,20 +3,19 @@
 RPC threads do no model work: they validate the request (validation.py), put a Job on the queue and
 wait for a worker (worker.py) to finish it. Every error leaves through `_status`: Cones2Error ->
 INVALID_ARGUMENT, full queue -> RESOURCE_EXHAUSTED, not ready / stopping -> UNAVAILABLE, and anything
-unexpected -> INTERNAL with the trace in the server log, never in the reply.
+unexpected -> INTERNAL with the trace in the server log, never in the reply. Replies are cut to
+MAX_DETAIL_CHARS, so no message can outgrow gRPC's trailer limit.
 """
 from __future__ import annotations
 
 import functools
-import io
 import logging
+import threading
 import time
 
 import grpc
 
-from .. import __version__
-from ..engine import Generation
-from ..errors import Cones2Error, GenerationCancelled
+from .. import Cones2Error, Generation, GenerationCancelled, __version__
 from . import cones2_pb2 as pb
 from . import cones2_pb2_grpc as pb_grpc
 from .residual_store import ResidualInfo, StoreFull
@@ -24,6 +23,8 @@ from .validation import ValidatedRequest, validate
 from .worker import DONE, DeadlineExceeded, Job, QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
+
+MAX_DETAIL_CHARS = 300
 
 
 class NotReady(Exception):
@@ -34,8 +35,37 @@ class NotFound(Exception):
     """No such residual."""
 
 
+class InFlight:
+    """Counts the RPCs being answered, so a draining server can wait for them with its port open."""
+
+    def __init__(self):
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._count, timeout)
+
+
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one place exceptions become gRPC status codes."""
+    """The one place exceptions become gRPC status codes and short replies."""
+    code, message = _classify(exc)
+    if len(message) > MAX_DETAIL_CHARS:
+        message = f"{message[:MAX_DETAIL_CHARS - 25]}... ({len(message)} chars)"
+    return code, message
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, Cones2Error):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (QueueFull, StoreFull)):
@@ -53,35 +83,37 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _rpc(fn):
-    """Error mapping (`_status`, then `context.abort`) and metrics around a unary or server-streaming handler."""
+    """Error mapping (`_status`, then `context.abort`), metrics and the in-flight count around a handler."""
     method = fn.__name__
 
     if method == "GenerateStream":
         @functools.wraps(fn)
         def stream(self, request, context):
             start, code = time.monotonic(), grpc.StatusCode.OK
-            try:
-                yield from fn(self, request, context)
-            except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
-                code, message = _status(exc)
-                context.abort(code, message)
-            finally:
-                self.server.metrics.observe(method, code.name, time.monotonic() - start)
+            with self.server.inflight:
+                try:
+                    yield from fn(self, request, context)
+                except GeneratorExit:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
+                    code, message = _status(exc)
+                    context.abort(code, message)
+                finally:
+                    self.server.metrics.observe(method, code.name, time.monotonic() - start)
         return stream
 
     @functools.wraps(fn)
     def unary(self, request, context):
         start, code = time.monotonic(), grpc.StatusCode.OK
-        try:
-            return fn(self, request, context)
-        except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
-            code, message = _status(exc)
-            context.abort(code, message)
-        finally:
-            self.server.metrics.observe(method, code.name, time.monotonic() - start)
+        with self.server.inflight:
+            try:
+                return fn(self, request, context)
+            except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
+                code, message = _status(exc)
+                context.abort(code, message)
+            finally:
+                self.server.metrics.observe(method, code.name, time.monotonic() - start)
     return unary
 
 
@@ -111,7 +143,7 @@ class Cones2Servicer(pb_grpc.Cones2ServiceServicer):
     def _submit(self, request: pb.GenerateRequest, context, want_events: bool) -> tuple[Job, ValidatedRequest]:
         s = self.server
         s.check_available()
-        v = validate(request, s.engine, s.store, s.options.limits, s.tokenizer)
+        v = validate(request, s.engine, s.store, s.options.limits)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         job = Job(v.request, deadline=deadline, want_events=want_events, preview_every=v.preview_every)
@@ -134,7 +166,6 @@ class Cones2Servicer(pb_grpc.Cones2ServiceServicer):
 
     def _response(self, job: Job, v: ValidatedRequest, gen: Generation) -> pb.GenerateResponse:
         engine = self.server.engine
-        params = gen.parameters() | {"model": engine.components.model_id, "backend": engine.default_backend}
         timings = dict(gen.timings)
         timings["queue"] = (job.started or job.submitted) - job.submitted
         resp = pb.GenerateResponse(seed=gen.seed, timings=timings, engine_version=__version__,
@@ -143,14 +174,11 @@ class Cones2Servicer(pb_grpc.Cones2ServiceServicer):
         if v.output_format == "latents":
             from safetensors.torch import save
 
+            params = gen.parameters() | {"model": engine.components.model_id, "backend": engine.default_backend}
             resp.latents = save({"latents": gen.latents.contiguous(), "cond_embeddings": gen.cond_embeddings.contiguous()},
                                 metadata={k: str(val) for k, val in params.items()})
         else:
-            from ..image import png_info
-
-            buf = io.BytesIO()
-            gen.image.save(buf, format="PNG", pnginfo=png_info(params))
-            resp.image = buf.getvalue()
+            resp.image = gen.png()
         return resp
 
     # ---- residuals ----------------------------------------------------------------------------

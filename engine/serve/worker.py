@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..engine import Engine, Generation, GenerationRequest
-from ..errors import GenerationCancelled
+from .. import Engine, Generation, GenerationCancelled, GenerationRequest
 from .preview import latent_preview_png
 
 log = logging.getLogger(__name__)
@@ -199,15 +198,14 @@ class Worker(threading.Thread):
     """Owns one engine (built in this thread by `engine_factory`), warms it up, then serves batches.
 
     `ready` is set once the engine is warm (or failed: then `error` holds why). `on_batch(n)` is called
-    for every batch run. `step_delay` (seconds, tests only) sleeps after each step to make tiny
-    models slow enough to test queueing and deadlines.
+    for every batch run.
     """
 
     def __init__(self, name: str, engine_factory: Callable[[], Engine], jobs: JobQueue, *, max_batch: int,
-                 on_batch: Callable[[int], None] | None = None, step_delay: float = 0.0, warmup: bool = True):
+                 on_batch: Callable[[int], None] | None = None, warmup: bool = True):
         super().__init__(name=name, daemon=True)
         self.engine_factory, self.jobs, self.max_batch = engine_factory, jobs, max_batch
-        self.on_batch, self.step_delay, self.warmup = on_batch, step_delay, warmup
+        self.on_batch, self.warmup = on_batch, warmup
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -274,8 +272,6 @@ class Worker(threading.Thread):
             return all(job.done for job in batch)
 
         def on_step(i: int, n: int, latents) -> None:
-            if self.step_delay:
-                time.sleep(self.step_delay)
             for k, job in enumerate(batch):
                 if job.events is None or job.done:
                     continue

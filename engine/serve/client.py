@@ -1,6 +1,6 @@
-"""`cones2.client.Client`: a small Python client for `cones2-engine serve` (cones2.v1.Cones2Service).
+"""`cones2.serve.client.Client`: a small Python client for `cones2-engine serve` (cones2.v1.Cones2Service).
 
-    from cones2.client import Client
+    from cones2.serve.client import Client
     with Client("127.0.0.1:50051") as c:
         dog = c.register_residual("dog.safetensors")                    # -> content id
         out = c.generate("a dog and a mug on the beach", subjects={"dog": dog},
@@ -23,12 +23,11 @@ from typing import Iterator, Mapping, Sequence
 try:
     import grpc
 except ImportError as exc:  # pragma: no cover (depends on the install)
-    raise ImportError("cones2.client needs grpcio: pip install 'cones2-engine[serve]'") from exc
+    raise ImportError("cones2.serve.client needs grpcio: pip install 'cones2-engine[serve]'") from exc
 
-from .errors import Cones2Error
-from .residual import Residual
-from .serve import cones2_pb2 as pb
-from .serve import cones2_pb2_grpc as pb_grpc
+from .. import Cones2Error, Residual
+from . import cones2_pb2 as pb
+from . import cones2_pb2_grpc as pb_grpc
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 SubjectValue = Residual | bytes | str | os.PathLike

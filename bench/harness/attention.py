@@ -1,5 +1,4 @@
-"""Attention microbenchmarks over the cross-attention shapes of SD 2.1 at 768 px (SPEC 3), and the
-timing / peak-memory helpers `cones2.benchmark` shares.
+"""Guided cross-attention microbenchmark over SD 2.1's 768-px cross-attention shapes (SPEC 3).
 
 Every guided implementation is timed next to plain SDPA cross-attention of the same shape in the
 same run, so the interesting number is a ratio: guided time / plain SDPA time. The Triton std
@@ -7,86 +6,25 @@ pre-pass and the fused kernel alone (std given) are timed separately from the fu
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .timing import PeakMemory, measure
+
 M_KEYS = 77
 INTERPRETER_MAX_N = 576  # Triton's CPU interpreter needs minutes for the 9216-query shape
+BACKENDS = ("reference", "sdpa", "triton", "cuda")
 # (query count N, heads, head dim) of every cross-attention layer of the SD 2.1 UNet at 768 px:
 # latent 96x96 and its three downsamplings; 320/640/1280/1280 channels in heads of 64 (unet.json).
 SD21_CROSS_ATTENTION = ((9216, 5, 64), (2304, 10, 64), (576, 20, 64), (144, 20, 64))
 
 
-# ---- timing and memory --------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> dict:
-    """Min and median wall time of `fn()` in ms over `repeat` runs after `warmup` runs (CUDA-synced).
-    Ratios use the min: on a shared machine it is the run least disturbed by other work."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(max(1, repeat)):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
-
-
-class PeakMemory:
-    """Peak memory torch allocates while the block runs, above what was live at entry (`.peak`, bytes).
-
-    CUDA: the caching allocator's high-water mark. CPU: replayed from the torch profiler's
-    allocation events (sorted by time, summed, maximum taken); temporaries allocated and freed
-    inside one operator are not seen, so it is a lower bound there.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
-            return
-        self._prof.__exit__(*exc)
-        if exc[0] is not None:
-            return
-        changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in self._prof.events()
-                         if e.self_cpu_memory_usage)
-        live = peak = 0
-        for _, delta in changes:
-            live += delta
-            peak = max(peak, live)
-        self.peak = peak
-
-
-# ---- attention microbenchmarks ------------------------------------------------------------------
 @dataclass
 class AttentionCase:
-    """One implementation on one shape: name, what it computes, the callable."""
+    """One implementation on one shape: its name and the call to time."""
 
     name: str
     fn: Callable[[], object]
@@ -139,7 +77,7 @@ def attention_cases(q, k, v, weight, coef, backends: list[str]) -> list[Attentio
 
 def run_attention_benchmark(backends: list[str], device: torch.device, dtype: torch.dtype, warmup: int, repeat: int,
                             shapes=SD21_CROSS_ATTENTION, progress: bool = True) -> list[dict]:
-    """Time every case on every shape; rows carry `ratio_vs_sdpa_plain` and peak memory."""
+    """Time every case on every shape; rows carry `ratio_vs_sdpa_plain` (min over min) and peak memory."""
     from tqdm.auto import tqdm
 
     rows = []

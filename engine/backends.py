@@ -1,0 +1,149 @@
+"""The one registry of `backend` names, and the one place that picks a backend for a device.
+
+Two kinds of backend answer to `--backend`:
+  attention backend  the math inside every attention layer of the PyTorch UNet (reference, sdpa,
+                     triton, ...); the UNet itself stays diffusers' module.
+  UNet runner        replaces the whole PyTorch UNet call with a compiled graph (onnxruntime,
+                     tensorrt); it may also carry its own text encoder and VAE decoder.
+Each backend registers a `BackendSpec` when its module is imported. Registering is cheap: heavy
+packages (triton, onnxruntime, tensorrt) are imported only when the backend is built. Backends that
+live outside the engine core (`cones2.export`) are found through the `cones2.backends` entry-point
+group of the installed distribution, so the core never names them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Callable
+
+import torch
+
+from .errors import Cones2Error
+
+ATTENTION = "attention backend"
+RUNNER = "UNet runner"
+ENTRY_POINT_GROUP = "cones2.backends"
+
+log = logging.getLogger("cones2.backends")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One `backend` name.
+
+    factory: attention backend: `factory() -> backend` (with `plain` and `cross`); UNet runner:
+    `factory(engine, **options) -> runner`. unavailable(device): None when it can run on `device`,
+    else a short reason. default_on: device types where it may be picked by default; among those
+    that can run, the highest `priority` wins. needs: options a runner cannot do without (e.g.
+    `onnx_dir`), so it is never a default. exact: computes SPEC 3 exactly (within float rounding).
+    """
+
+    name: str
+    kind: str
+    factory: Callable[..., object]
+    summary: str
+    unavailable: Callable[[torch.device], str | None] = field(default=lambda device: None)
+    default_on: tuple[str, ...] = ()
+    priority: int = 0
+    needs: tuple[str, ...] = ()
+    exact: bool = True
+
+
+_SPECS: dict[str, BackendSpec] = {}
+_ATTENTION_INSTANCES: dict[str, object] = {}
+_discovered = False
+
+
+def register(spec: BackendSpec) -> None:
+    """Make `spec.name` a valid backend (a later registration of the same name replaces it)."""
+    if spec.kind not in (ATTENTION, RUNNER):
+        raise ValueError(f"backend {spec.name!r}: kind must be ATTENTION or RUNNER, got {spec.kind!r}")
+    _SPECS[spec.name] = spec
+    _ATTENTION_INSTANCES.pop(spec.name, None)
+
+
+def _discover() -> None:
+    """Import the built-in backends and every `cones2.backends` entry point, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    importlib.import_module("cones2.attention")          # reference, sdpa, triton register themselves
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not take the engine down; say so once
+            log.warning("backend plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
+
+
+def specs(kind: str | None = None) -> list[BackendSpec]:
+    """Every registered backend (of one kind), by name."""
+    _discover()
+    return [s for _, s in sorted(_SPECS.items()) if kind is None or s.kind == kind]
+
+
+def backend_names(kind: str | None = None) -> list[str]:
+    """Every name `--backend` accepts (of one kind)."""
+    return [s.name for s in specs(kind)]
+
+
+def get_spec(name: str) -> BackendSpec:
+    """The spec of backend `name`; an unknown name is a Cones2Error listing the known ones."""
+    _discover()
+    if name not in _SPECS:
+        raise Cones2Error(f"unknown backend {name!r}; choose from {', '.join(backend_names())}", "backend")
+    return _SPECS[name]
+
+
+def why_unavailable(name: str, device: str | torch.device) -> str | None:
+    """None when backend `name` can run on `device`, else why not."""
+    return get_spec(name).unavailable(torch.device(device))
+
+
+def select_backend(device: str | torch.device, requested: str | None = None) -> tuple[str, str]:
+    """(backend name, why it was chosen) for `device`; logs the choice and the backends passed over.
+
+    requested: a name the user asked for (checked: it must exist and be able to run here), or None
+    for the best default backend that can run on this device."""
+    device = torch.device(device)
+    if requested is not None:
+        spec = get_spec(requested)
+        why = spec.unavailable(device)
+        if why is not None:
+            usable = [s.name for s in specs() if not s.needs and s.unavailable(device) is None]
+            raise Cones2Error(f"{requested!r} cannot run on {device.type}: {why}; usable here: {', '.join(usable)}",
+                              "backend")
+        name, reason = requested, "requested"
+    else:
+        candidates = sorted((s for s in specs() if device.type in s.default_on and not s.needs),
+                            key=lambda s: -s.priority)
+        passed_over = []
+        for spec in candidates:
+            why = spec.unavailable(device)
+            if why is None:
+                break
+            passed_over.append(f"{spec.name}: {why}")
+        else:
+            raise Cones2Error(f"no backend can run on {device.type} ({'; '.join(passed_over) or 'none registered'})",
+                              "backend")
+        name = spec.name
+        reason = f"default on {device.type}" + (f" (passed over {'; '.join(passed_over)})" if passed_over else "")
+    log.info("backend %s: %s", name, reason)
+    return name, reason
+
+
+def attention_backend(name: str) -> object:
+    """The (shared, stateless) attention backend object called `name`."""
+    spec = get_spec(name)
+    if spec.kind != ATTENTION:
+        raise Cones2Error(f"{name!r} is a {spec.kind}, not an attention backend", "backend")
+    if name not in _ATTENTION_INSTANCES:
+        _ATTENTION_INSTANCES[name] = spec.factory()
+    return _ATTENTION_INSTANCES[name]
+
+
+def missing_package(module: str, hint: str) -> str | None:
+    """A reason string when `module` is not importable here (for `unavailable` checks), else None."""
+    return None if importlib.util.find_spec(module) is not None else f"the {module} package is not installed ({hint})"

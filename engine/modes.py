@@ -1,0 +1,46 @@
+"""Sampling modes and their defaults: `paper-exact` (SPEC 4 to the letter) and `fast`.
+
+A mode names a solver, its default step count, the default share of steps that get layout guidance
+and self-recurrence, and where noise comes from. `SamplingConfig` resolves `steps=None` and
+`guidance_steps=None` through here; why the fast defaults are what they are: docs/speed.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EULER = "euler"          # SPEC 4: Euler (LMS order 1) on linspace(T-1, 0, N) timesteps
+DPMPP_2M = "dpmpp-2m"    # DPM-Solver++ 2M (multistep, second order, data prediction), engine/solvers.py
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one `mode` means.
+
+    solver: EULER or DPMPP_2M. default_steps: N when the caller gives none. guidance_percent: G when
+    the caller gives none, as a percentage of N rounded up (100 = every step, SPEC 3's default).
+    cpu_noise: draw noise from a CPU generator seeded like `torch.manual_seed(seed)` in SPEC 4's
+    order (reproducible against the reference); otherwise from a per-request generator on the device.
+    """
+
+    name: str
+    solver: str
+    default_steps: int
+    guidance_percent: int
+    cpu_noise: bool
+
+    def guidance_steps(self, steps: int) -> int:
+        """Default G for `steps` steps: ceil(guidance_percent * steps / 100), in integers."""
+        return -(-steps * self.guidance_percent // 100)
+
+
+MODES: dict[str, Mode] = {
+    "paper-exact": Mode("paper-exact", EULER, default_steps=50, guidance_percent=100, cpu_noise=True),
+    # 20 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 40% (8 of 20): 28 UNet calls
+    # of batch 2 instead of paper-exact's 100. Measured in bench/results/quality.md.
+    "fast": Mode("fast", DPMPP_2M, default_steps=20, guidance_percent=40, cpu_noise=False),
+}
+
+
+def get_mode(name: str) -> Mode:
+    """The `Mode` called `name` (KeyError for an unknown one: `SamplingConfig` validates names first)."""
+    return MODES[name]

@@ -1,0 +1,54 @@
+"""Registers the compiled UNet runners (`onnxruntime`, `tensorrt`) and the export-only `onnx`
+attention backend in `cones2.backends`.
+
+Loaded through the `cones2.backends` entry point (pyproject.toml), so the engine core finds these
+without naming this package. Nothing heavy is imported here: onnxruntime and TensorRT load only
+when a runner is built.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from cones2.backends import ATTENTION, RUNNER, BackendSpec, missing_package, register
+
+
+def _ort_runner(engine, onnx_dir=None, **options):
+    from .ort_backend import OrtUNetRunner
+
+    return OrtUNetRunner(engine, onnx_dir, **options)
+
+
+def _trt_runner(engine, engine_dir=None, **options):
+    from .trt_backend import TrtUNetRunner
+
+    return TrtUNetRunner(engine, engine_dir, **options)
+
+
+def _graph_attention():
+    from .graph_attention import GraphAttention
+
+    return GraphAttention()
+
+
+def _ort_unavailable(device: torch.device) -> str | None:
+    return missing_package("onnxruntime", "pip install 'cones2-engine[export]'")
+
+
+def _trt_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "TensorRT engines run on CUDA only"
+    if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None:
+        return "TensorRT is not installed (see docs/export.md)"
+    return None
+
+
+register(BackendSpec("onnxruntime", RUNNER, _ort_runner,
+                     "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; needs onnx_dir",
+                     unavailable=_ort_unavailable, needs=("onnx_dir",)))
+register(BackendSpec("tensorrt", RUNNER, _trt_runner,
+                     "TensorRT engines built from the ONNX graphs, CUDA graphs per shape; needs engine_dir",
+                     unavailable=_trt_unavailable, needs=("engine_dir",)))
+register(BackendSpec("onnx", ATTENTION, _graph_attention,
+                     "export-only: SPEC 3 in fp32 graph ops that ONNX and TensorRT express (used when tracing)"))

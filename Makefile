@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/cones2-engine
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench cuda clean
+.PHONY: setup demo test test-slow bench cuda gpu-check clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ bench: setup
 # CUDA twin of the fused kernel (needs nvcc; runs only on a GPU).
 cuda:
 	cmake -S . -B build && cmake --build build -j2
+
+# On a bare H100/H200 (torch, Triton, CUDA preinstalled; wheels carried in .whl/): CUDA twin build,
+# kernel numerics vs SPEC 3, gpu-marked tests, bench/latency.py; logs and JSON in $(OUT), < 8 min.
+OUT ?= out/gpu-check
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build out $(VENV)

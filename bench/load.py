@@ -1,21 +1,30 @@
-"""Load test for `cones2-engine serve`: N concurrent clients against a server this script starts on
-127.0.0.1 (a subprocess; embedded tiny model on CPU unless --model), once per --max-batch value.
+"""Load and fuzz runs against `cones2-engine serve` on 127.0.0.1: a server subprocess this script starts,
+watches (resident memory sampled every 0.1 s) and stops with SIGTERM; embedded tiny model unless --model.
 
-Each client thread sends a mix of valid and malformed requests for --duration seconds (or
---requests each). Printed per run: throughput of valid requests, p50/p95/p99 latency of valid
-requests, rejections (RESOURCE_EXHAUSTED), malformed requests answered INVALID_ARGUMENT, errors,
-mean batch size. The run fails (exit 1) on any crash (server process gone, health not SERVING,
-SIGTERM exit code != 0), any lost valid request (neither a result nor a rejection), any error, or
-any malformed request answered other than INVALID_ARGUMENT (or RESOURCE_EXHAUSTED when overloaded).
-The last lines compare throughput with and without cross-request batching.
+Load (default): --clients threads send a mix of valid and malformed requests for --duration seconds
+(or --requests each), once per --max-batch value. Printed per run: valid requests/s, p50/p95/p99
+latency of valid requests, rejections (RESOURCE_EXHAUSTED), malformed requests answered
+INVALID_ARGUMENT, INTERNAL answers, mean batch size, server memory; then the batching gain.
+
+Fuzz (--fuzz N): N seeded hostile cases of `cones2.serve.fuzz` (every kind of malformed request,
+random and undecodable bytes, missing tokens, oversized messages; valid ones mixed in) from
+--clients threads, against a server with a token and small transport/field limits.
+
+Both fail (exit 1) on a crash (server gone, health not SERVING after, SIGTERM exit code != 0), any
+INTERNAL, any lost valid request (neither a result nor a rejection), or a malformed request answered
+otherwise than documented. --json writes the command, settings and every figure.
 
     python bench/load.py --clients 8 --duration 20 --max-batch 1,4
+    python bench/load.py --clients 64 --duration 60 --max-batch 4 --max-queue 64 --json bench/results/serve_load_64.json
+    python bench/load.py --fuzz 10000 --json bench/results/serve_fuzz_10000.json
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import platform
 import random
 import re
 import signal
@@ -25,15 +34,19 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from cones2.serve.client import Client, build_request
 from cones2.serve import cones2_pb2 as pb
+from cones2.serve.client import Client, build_request
 
 PROMPTS = ["a dog and a mug on the beach", "a dog on a table", "a mug and a dog in the snow", "a photo of a dog"]
+FUZZ_LIMITS = {"max_message_bytes": 1 << 20, "max_layout_png_bytes": 256 << 10}   # over-limit cases stay cheap
+FUZZ_RESIDUAL_BYTES = 64 << 10
 
 
 def _png(ok: bool) -> bytes:
@@ -55,7 +68,10 @@ def _valid(rng: random.Random, steps: int, size: int) -> pb.GenerateRequest:
 MALFORMED = {
     "empty prompt": lambda s, z: build_request("", steps=s, width=z, height=z),
     "NaN cfg": lambda s, z: build_request("a dog", cfg_scale=float("nan"), steps=s, width=z, height=z),
+    "negative weight -1e308": lambda s, z: build_request("a dog", negative_weight=-1e308, steps=s, width=z, height=z),
     "box outside": lambda s, z: build_request("a dog", boxes={"dog": (0.2, 0.2, 1.4, 0.9)}, steps=s, width=z, height=z),
+    "box strength 1e308": lambda s, z: build_request("a dog", boxes={"dog": (0, 0, 1, 1)}, strengths={"dog": 1e308},
+                                                     steps=s, width=z, height=z),
     "steps 0": lambda s, z: build_request("a dog", steps=0, width=z, height=z),
     "size 100": lambda s, z: build_request("a dog", steps=s, width=100, height=z),
     "bad png": lambda s, z: build_request("a dog", color_map=_png(False), color_table={"255,0,0": ("dog", 2.5)},
@@ -68,6 +84,73 @@ MALFORMED = {
 }
 
 
+# ---- the server process -------------------------------------------------------------------------
+class ServerProcess:
+    """`cones2-engine serve` on 127.0.0.1:<free port>; its resident memory is sampled while it runs."""
+
+    def __init__(self, args, max_batch: int, store: str, extra: list[str] = ()):
+        cmd = [sys.executable, "-c", "import sys; from cones2.cli import main; sys.exit(main())", "serve",
+               "--port", "0", "--max-batch", str(max_batch), "--max-queue", str(args.max_queue),
+               "--threads", str(args.threads), "--residual-store", store, "--log-level", "ERROR", *extra]
+        if args.model:
+            cmd += ["--model", args.model]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        timer = threading.Timer(300, self.proc.kill)
+        timer.start()
+        line = self.proc.stdout.readline()
+        timer.cancel()
+        match = re.search(r"SERVING on (\S+)", line)
+        if not match:
+            self.proc.kill()
+            raise SystemExit(f"server did not start (got {line!r})")
+        self.target = match.group(1)
+        self.rss_start = self.rss_peak = _rss(self.proc.pid)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.rss_peak = max(self.rss_peak, _rss(self.proc.pid))
+
+    def finish(self, token: str | None = None) -> tuple[list[str], dict]:
+        """Check it is alive and SERVING, SIGTERM it; (crash reasons, memory figures in MiB)."""
+        crashed = []
+        rss_end = _rss(self.proc.pid)
+        if self.proc.poll() is not None:
+            crashed.append(f"server exited with {self.proc.returncode} during the run")
+        else:
+            with Client(self.target, token=token) as c:
+                if c.health() != "SERVING":
+                    crashed.append("health is not SERVING after the run")
+        self._stop.set()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=120)
+        if code != 0:
+            crashed.append(f"SIGTERM exit code {code}")
+        mib = 1 << 20
+        return crashed, {"rss_start_mib": round(self.rss_start / mib, 1), "rss_peak_mib": round(self.rss_peak / mib, 1),
+                         "rss_end_mib": round(rss_end / mib, 1)}
+
+    def kill(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---- load mode ----------------------------------------------------------------------------------
 @dataclass
 class Outcome:
     valid: bool
@@ -82,6 +165,7 @@ class RunResult:
     wall: float
     outcomes: list[Outcome] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         valid = [o for o in self.outcomes if o.valid]
@@ -89,39 +173,24 @@ class RunResult:
         ok = [o for o in valid if o.code == "OK"]
         lat = np.array([o.latency for o in ok]) * 1000 if ok else np.zeros(1)
         return {
-            "max_batch": self.max_batch, "sent": len(self.outcomes), "valid": len(valid), "ok": len(ok),
+            "max_batch": self.max_batch, "wall_s": round(self.wall, 2), "sent": len(self.outcomes),
+            "valid": len(valid), "ok": len(ok),
             "rejected": sum(o.code == "RESOURCE_EXHAUSTED" for o in self.outcomes),
             "lost": sum(o.code not in ("OK", "RESOURCE_EXHAUSTED") for o in valid),
             "malformed": len(bad), "invalid_argument": sum(o.code == "INVALID_ARGUMENT" for o in bad),
             # under overload gRPC may reject a malformed request before it is read: that is fine
             "misjudged": sum(o.code not in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED") for o in bad),
+            "internal": sum(o.code == "INTERNAL" for o in self.outcomes),
             "errors": sum(o.code not in ("OK", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT") for o in self.outcomes),
-            "throughput": len(ok) / self.wall, "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95),
-            "p99": np.percentile(lat, 99), "mean_batch": float(np.mean([o.batch_size for o in ok])) if ok else 0.0,
-            "crashes": len(self.crashed), "crash_reasons": list(self.crashed),
+            "throughput": len(ok) / self.wall, "p50": float(np.percentile(lat, 50)),
+            "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99)),
+            "mean_batch": float(np.mean([o.batch_size for o in ok])) if ok else 0.0,
+            "crashes": len(self.crashed), "crash_reasons": list(self.crashed), **self.memory,
         }
 
 
-def start_server(args, max_batch: int, store: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-c", "import sys; from cones2.cli import main; sys.exit(main())", "serve",
-           "--port", "0", "--max-batch", str(max_batch), "--max-queue", str(args.max_queue),
-           "--residual-store", store, "--log-level", "WARNING"]
-    if args.model:
-        cmd += ["--model", args.model]
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    timer = threading.Timer(300, proc.kill)
-    timer.start()
-    line = proc.stdout.readline()
-    timer.cancel()
-    match = re.search(r"SERVING on (\S+)", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"server did not start (got {line!r})")
-    return proc, match.group(1)
-
-
-def client_loop(target: str, seed: int, args, deadline: float, out: list[Outcome], lock: threading.Lock) -> None:
+def client_loop(target: str, seed: int, args, deadline: float, out: list[Outcome], lock: threading.Lock,
+                bar) -> None:
     rng = random.Random(seed)
     sent = 0
     with Client(target, timeout=args.timeout) as c:
@@ -140,39 +209,99 @@ def client_loop(target: str, seed: int, args, deadline: float, out: list[Outcome
             sent += 1
             with lock:
                 out.append(o)
+                bar.update(1)
 
 
-def run_once(args, max_batch: int) -> RunResult:
+def run_load(args, max_batch: int) -> RunResult:
     with tempfile.TemporaryDirectory() as store:
-        proc, target = start_server(args, max_batch, store)
+        server = ServerProcess(args, max_batch, store)
         try:
-            with Client(target) as c:                     # one untimed request so both runs start warm
+            with Client(server.target) as c:              # one untimed request so every run starts warm
                 c.generate_request(_valid(random.Random(0), args.steps, args.size))
             outcomes: list[Outcome] = []
             lock = threading.Lock()
             start = time.monotonic()
             deadline = start + args.duration
-            threads = [threading.Thread(target=client_loop, args=(target, 1000 * max_batch + i, args, deadline,
-                                                                  outcomes, lock)) for i in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            with tqdm(desc=f"max_batch {max_batch}", unit="req", disable=not args.progress) as bar:
+                threads = [threading.Thread(target=client_loop, daemon=True,
+                                            args=(server.target, 1000 * max_batch + i, args, deadline, outcomes, lock,
+                                                  bar)) for i in range(args.clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():              # join in slices, so Ctrl-C stops the run
+                        t.join(0.5)
             result = RunResult(max_batch, time.monotonic() - start, outcomes)
-            if proc.poll() is not None:
-                result.crashed.append(f"server exited with {proc.returncode} during the run")
-            else:
-                with Client(target) as c:
-                    if c.health() != "SERVING":
-                        result.crashed.append("health is not SERVING after the run")
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=120)
-            if code != 0:
-                result.crashed.append(f"SIGTERM exit code {code}")
+            result.crashed, result.memory = server.finish()
             return result
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            server.kill()
+
+
+def load_main(args) -> tuple[int, dict]:
+    rows = [run_load(args, int(b)).summary() for b in args.max_batch.split(",")]
+    print(f"\nclients={args.clients} duration={args.duration:g}s steps={args.steps} size={args.size} "
+          f"invalid_fraction={args.invalid_fraction} server --threads {args.threads} --max-queue {args.max_queue}")
+    head = ("max_batch", "sent", "ok", "rejected", "lost", "malformed", "invalid_argument", "misjudged", "internal",
+            "errors", "crashes", "throughput", "p50", "p95", "p99", "mean_batch", "rss_peak_mib")
+    names = {"throughput": "valid req/s", "p50": "p50 ms", "p95": "p95 ms", "p99": "p99 ms",
+             "rss_peak_mib": "server peak RSS MiB"}
+    print("| " + " | ".join(names.get(h, h) for h in head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(f"{r[h]:.2f}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
+    by_batch: dict[int, list[dict]] = {}
+    for r in rows:                       # repeated values (--max-batch 1,4,1,4) average out machine drift
+        by_batch.setdefault(r["max_batch"], []).append(r)
+    mean = {b: (float(np.mean([r["throughput"] for r in rs])), float(np.mean([r["p50"] for r in rs])))
+            for b, rs in by_batch.items()}
+    base = rows[0]["max_batch"]
+    gains = {}
+    for b, (tput, p50) in mean.items():
+        if b != base and mean[base][0] > 0:
+            gains[b] = tput / mean[base][0]
+            print(f"batching gain: max_batch {b} vs {base}: {gains[b]:.2f}x throughput "
+                  f"({tput:.2f} vs {mean[base][0]:.2f} valid req/s, mean of {len(by_batch[b])} and "
+                  f"{len(by_batch[base])} runs), p50 latency {p50 / mean[base][1]:.2f}x")
+    failed = [r for r in rows if r["crashes"] or r["lost"] or r["misjudged"] or r["errors"]]
+    print("PASS: no crashes, no INTERNAL, no lost valid requests, no errors, every malformed request that was read "
+          "got INVALID_ARGUMENT" if not failed else f"FAIL: {failed}")
+    return (1 if failed else 0), {"runs": rows, "batching_gain": {str(b): g for b, g in gains.items()}}
+
+
+# ---- fuzz mode ----------------------------------------------------------------------------------
+def fuzz_main(args) -> tuple[int, dict]:
+    from cones2.serve.fuzz import run_fuzz
+
+    token = "fuzz-" + os.urandom(8).hex()
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "token"
+        token_file.write_text(token)
+        extra = ["--auth-token-file", str(token_file), "--max-message-bytes", str(FUZZ_LIMITS["max_message_bytes"]),
+                 "--max-residual-bytes", str(FUZZ_RESIDUAL_BYTES),
+                 "--max-layout-png-bytes", str(FUZZ_LIMITS["max_layout_png_bytes"])]
+        server = ServerProcess(args, 4, str(Path(tmp) / "store"), extra)
+        try:
+            with Client(server.target, token=token, timeout=args.timeout) as c:     # warm
+                c.generate_request(_valid(random.Random(0), 2, 64))
+            report = run_fuzz(server.target, args.fuzz, seed=args.seed, clients=args.clients, token=token,
+                              timeout=args.timeout, progress=args.progress, **FUZZ_LIMITS)
+            crashed, memory = server.finish(token)
+        finally:
+            server.kill()
+    summary = report.summary() | {"lost_valid": report.valid - report.valid_ok, "crashes": len(crashed),
+                                  "crash_reasons": crashed, **memory, "cases_by_kind": dict(sorted(report.kinds.items()))}
+    print(f"\nfuzz: {args.fuzz} cases, seed {args.seed}, {args.clients} clients, server --threads {args.threads}")
+    for key in ("sent", "valid", "valid_ok", "lost_valid", "malformed", "internal", "failures", "crashes", "codes",
+                "kinds", "longest_details_chars", "seconds", "requests_per_second", "rss_start_mib", "rss_peak_mib",
+                "rss_end_mib"):
+        print(f"  {key}: {summary[key]}")
+    for f in summary["first_failures"]:
+        print(f"  failure: {f}")
+    failed = summary["failures"] or summary["internal"] or summary["crashes"] or summary["lost_valid"]
+    print("PASS: every case got its documented code, no INTERNAL, no lost valid request, no crash" if not failed
+          else "FAIL")
+    return (1 if failed else 0), {"fuzz": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,38 +317,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--invalid-fraction", type=float, default=0.2, help="share of malformed requests")
     p.add_argument("--timeout", type=float, default=120.0, help="client deadline per request")
     p.add_argument("--backoff", type=float, default=0.05, help="seconds a client waits after a rejection")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--threads", type=int, default=1, help="the server's --threads (default: %(default)s)")
     p.add_argument("--model", default=None, help="model dir (default: the embedded tiny model)")
+    p.add_argument("--fuzz", type=int, default=None, metavar="N", help="fuzz mode: send N seeded hostile cases")
+    p.add_argument("--seed", type=int, default=0, help="fuzz seed")
+    p.add_argument("--json", default=None, help="write the settings and every figure here")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
 
-    rows = [run_once(args, int(b)).summary() for b in args.max_batch.split(",")]
-    print(f"\nclients={args.clients} duration={args.duration:g}s steps={args.steps} size={args.size} "
-          f"invalid_fraction={args.invalid_fraction} server OMP_NUM_THREADS={args.threads}")
-    head = ("max_batch", "sent", "ok", "rejected", "lost", "malformed", "invalid_argument", "misjudged", "errors",
-            "crashes",
-            "throughput", "p50", "p95", "p99", "mean_batch")
-    print("| " + " | ".join(h if h not in ("throughput", "p50", "p95", "p99") else
-                            {"throughput": "valid req/s", "p50": "p50 ms", "p95": "p95 ms", "p99": "p99 ms"}[h]
-                            for h in head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(f"{r[h]:.2f}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
-    by_batch: dict[int, list[dict]] = {}
-    for r in rows:                       # repeated values (--max-batch 1,4,1,4) average out machine drift
-        by_batch.setdefault(r["max_batch"], []).append(r)
-    mean = {b: (float(np.mean([r["throughput"] for r in rs])), float(np.mean([r["p50"] for r in rs])))
-            for b, rs in by_batch.items()}
-    base = rows[0]["max_batch"]
-    for b, (tput, p50) in mean.items():
-        if b != base and mean[base][0] > 0:
-            print(f"batching gain: max_batch {b} vs {base}: {tput / mean[base][0]:.2f}x throughput "
-                  f"({tput:.2f} vs {mean[base][0]:.2f} valid req/s, mean of {len(by_batch[b])} and "
-                  f"{len(by_batch[base])} runs), p50 latency {p50 / mean[base][1]:.2f}x")
-    failed = [r for r in rows if r["crashes"] or r["lost"] or r["misjudged"] or r["errors"]]
-    print("PASS: no crashes, no lost valid requests, no errors, every malformed request that was read got "
-          "INVALID_ARGUMENT" if not failed
-          else f"FAIL: {failed}")
-    return 1 if failed else 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        code, results = fuzz_main(args) if args.fuzz is not None else load_main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        record = {"command": "python bench/load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "started": started, "settings": vars(args), "machine": _machine(), "passed": code == 0, **results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return code
+
+
+def _machine() -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load] if load else None,
+            "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__,
+            "processor": platform.processor() or platform.machine()}
 
 
 if __name__ == "__main__":

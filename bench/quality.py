@@ -3,15 +3,17 @@ world's exact detector (`cones2_train.demo_world.detector`).
 
 For 1..4 subjects, the same evaluation prompts and seeds are generated without and with layout
 guidance (boxes = the prompt scene's ground-truth boxes grown by 4 px): caption fidelity (the object
-is found in its colour with its kind) and layout accuracy (its centre lies in its box; `chance` is the
-mean box area, the accuracy of a random centre). Then a residual is trained with `cones2_train` on 5
-images of each subject instance and "a <kind> on a <background> background" is generated without and
-with it (does the instance's pattern appear?), and both residuals are composed in one layout-guided
-prompt. Prints tables, writes JSON.
+is found in its colour with its kind), layout accuracy (its centre lies in its box; `chance` is the
+mean box area, the accuracy of a random centre) and containment (the mean share of a found object's
+pixels inside its box). Then a residual is trained with `cones2_train` on 5 images of each subject
+instance (or loaded with --residuals-from) and "a <kind> on a <background> background" is generated
+without and with it (does the exact instance appear?), and every pair of residuals is composed in one
+layout-guided prompt. Prints tables, writes JSON.
 
     python bench/quality.py --model runs/demo/model --json bench/results/quality.json
     python bench/quality.py --quick --model DIR      # a small smoke subset
     python bench/quality.py --oracle --quick         # score the world's own renders: checks the metrics
+    python bench/quality.py --no-layout --instances twotone_ring,twotone_heart --residual-prompts 20
 """
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ import numpy as np
 from cones2_train.demo_world.instances import templates_for
 from cones2_train.demo_world.metrics import (box_chance, eval_scene, layout_boxes, score_instance, score_scene,
                                              summarize, summarize_instances)
-from cones2_train.demo_world.world import BACKGROUNDS, INSTANCES, Scene, Thing, instance_images, instance_scene
+from cones2_train.demo_world.world import BACKGROUNDS, COLOURS, INSTANCES, Scene, Thing, instance_images, instance_scene
 
 COMPOSE_BOXES = {"left": (0.02, 0.2, 0.48, 0.8), "right": (0.52, 0.2, 0.98, 0.8)}
+# `make demo`: two residual subjects and one plain, named subject, each in its box
+DEMO_RESIDUALS = ("twotone_ring", "twotone_circle")
+DEMO_PLAIN = ("star", "red")
+DEMO_BOXES = {"ring": (0.05, 0.05, 0.45, 0.45), "circle": (0.55, 0.05, 0.95, 0.45), "star": (0.3, 0.55, 0.7, 0.95)}
 
 
 def parse_args(argv):
@@ -37,25 +43,44 @@ def parse_args(argv):
     p.add_argument("--model", help="diffusers directory of the demo model (default: the embedded default)")
     p.add_argument("--counts", default="1,2,3,4", help="subject counts to evaluate")
     p.add_argument("--prompts", type=int, default=100, help="prompts per subject count")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 30 in paper-exact mode, the mode's own default, 20, in fast mode)")
+    p.add_argument("--mode", choices=("paper-exact", "fast"), default="paper-exact",
+                   help="sampling mode (fast: DPM-Solver++ 2M, guidance on its default share of steps; docs/speed.md)")
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=16, help="requests per sampling loop")
     p.add_argument("--residual-steps", type=int, default=300)
     p.add_argument("--residual-lr", type=float, default=3e-4)
     p.add_argument("--residual-prompts", type=int, default=40, help="generations per residual setting")
     p.add_argument("--no-residuals", action="store_true")
+    p.add_argument("--no-layout", action="store_true", help="skip the layout evaluation (residuals only)")
+    p.add_argument("--instances", default=",".join(INSTANCES),
+                   help="comma-separated subject instances (default: all of world.INSTANCES)")
     p.add_argument("--residual-dir", help="also save the trained residuals here")
+    p.add_argument("--residuals-from", help="load <instance>.safetensors from here instead of training")
+    p.add_argument("--named", action="store_true",
+                   help="also score prompts that spell each instance out (\"a two-tone blue and yellow circle\")")
+    p.add_argument("--guidance-steps", type=int, default=None, help="guided sampling steps (default: all)")
+    p.add_argument("--strength", type=float, default=2.5, help="layout strength w+ of every subject")
     p.add_argument("--quick", action="store_true",
                    help="small subset: counts 2,3; 3 prompts; 4 steps; 3 residual steps")
     p.add_argument("--oracle", action="store_true", help="score renders of the prompts' own scenes (no model)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the rule of cones2.threads)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.steps is None:
+        from cones2.modes import MODES
+
+        args.steps = 30 if args.mode == "paper-exact" else MODES[args.mode].default_steps
     if args.quick:
         args.counts, args.prompts, args.steps, args.batch = "2,3", 3, 4, 8
         args.residual_steps, args.residual_prompts = 3, 2
-    args.counts = [int(c) for c in args.counts.split(",")]
+    args.counts = [] if args.no_layout else [int(c) for c in args.counts.split(",")]
+    args.instances = [n.strip() for n in args.instances.split(",") if n.strip()]
+    unknown = [n for n in args.instances if n not in INSTANCES]
+    if unknown or not args.instances:
+        p.error(f"--instances: unknown {unknown} (choose from {', '.join(INSTANCES)})")
     if any(not 1 <= c <= 4 for c in args.counts):
         p.error("--counts must lie in 1..4")
     return args
@@ -65,23 +90,28 @@ def parse_args(argv):
 class ModelImages:
     """Generations of a loaded engine, many requests per sampling loop."""
 
-    def __init__(self, engine, steps: int, cfg: float, batch: int):
+    def __init__(self, engine, steps: int, cfg: float, batch: int, guidance_steps: int | None = None,
+                 strength: float = 2.5, mode: str = "paper-exact"):
         self.engine, self.steps, self.cfg, self.batch = engine, steps, cfg, batch
+        self.guidance_steps, self.strength, self.mode = guidance_steps, strength, mode
+
+    def _layout(self, boxes):
+        import cones2
+
+        return cones2.Layout.from_boxes(boxes, strengths=self.strength) if boxes else None
 
     def layout(self, jobs: list[tuple[Scene, int, bool]]):
         """jobs: (prompt scene, seed, guided) -> images."""
-        import cones2
-
-        reqs = [self.engine.request(s.caption, None, cones2.Layout.from_boxes(layout_boxes(s)) if guided else None,
-                                    seed=seed, steps=self.steps, cfg_scale=self.cfg) for s, seed, guided in jobs]
+        reqs = [self.engine.request(s.caption, None, self._layout(layout_boxes(s)) if guided else None,
+                                    seed=seed, steps=self.steps, cfg_scale=self.cfg, mode=self.mode,
+                                    guidance_steps=self.guidance_steps) for s, seed, guided in jobs]
         return self._run(reqs)
 
     def prompts(self, jobs: list[tuple[str, dict, dict | None, int]]):
         """jobs: (prompt, residuals, boxes or None, seed) -> images."""
-        import cones2
-
-        reqs = [self.engine.request(p, subjects, cones2.Layout.from_boxes(boxes) if boxes else None, seed=seed,
-                                    steps=self.steps, cfg_scale=self.cfg) for p, subjects, boxes, seed in jobs]
+        reqs = [self.engine.request(p, subjects, self._layout(boxes), seed=seed, steps=self.steps,
+                                    cfg_scale=self.cfg, guidance_steps=self.guidance_steps, mode=self.mode)
+                for p, subjects, boxes, seed in jobs]
         return self._run(reqs)
 
     def _run(self, reqs):
@@ -107,12 +137,16 @@ class OracleImages:
 
     def prompts(self, jobs):
         out = []
-        for _, subjects, boxes, seed in jobs:
+        for prompt, subjects, boxes, seed in jobs:
             things = []
             for k, (word, residual) in enumerate(sorted(subjects.items())):
                 inst = INSTANCES[residual]
                 box = instance_scene(inst, 1, seed).objects[0].box if not boxes else _pixel_box(boxes[word])
                 things.append(Thing(inst.kind, inst.colour, box, inst.pattern, inst.second))
+            for word in sorted(set(boxes or ()) - set(subjects)):          # plain subjects named with a colour
+                colour = next((c for c in COLOURS if f"a {c} {word}" in prompt), None)
+                if colour is not None:
+                    things.append(Thing(word, colour, _pixel_box(boxes[word])))
             if not things:
                 things = [Thing("circle", "blue", (20, 20, 40, 40))]
             out.append(Scene(tuple(things), "sand", "").render())
@@ -144,11 +178,18 @@ def evaluate_layout(source, counts, prompts, progress=True) -> dict:
 
 
 def evaluate_residuals(source, engine, args, templates_dir: Path) -> dict:
-    """Train one residual per instance, then score generations without / with it, and composed."""
+    """Train (or load) one residual per instance, then score generations without / with it, and
+    every pair of residuals (of different kinds) composed in one layout-guided prompt."""
+    chosen = {name: INSTANCES[name] for name in args.instances}
     residuals, results = {}, {}
-    for name, inst in INSTANCES.items():
+    for name, inst in chosen.items():
         if engine is None:                                   # oracle: the "residual" is the instance itself
-            residuals[inst.kind] = name
+            residuals[name] = name
+            continue
+        if args.residuals_from:
+            import cones2
+
+            residuals[name] = cones2.Residual.load(Path(args.residuals_from) / f"{name}.safetensors")
             continue
         import cones2_train
 
@@ -161,51 +202,106 @@ def evaluate_residuals(source, engine, args, templates_dir: Path) -> dict:
         results.setdefault(name, {})["train_seconds"] = round(time.perf_counter() - t0, 1)
         if args.residual_dir:
             residual.save(Path(args.residual_dir) / f"{name}.safetensors")
-        residuals[inst.kind] = residual
+        residuals[name] = residual
     backgrounds = list(BACKGROUNDS)
-    for name, inst in INSTANCES.items():
+    for name, inst in chosen.items():
         row = results.setdefault(name, {})
-        for label, subjects in (("without", {}), ("with", {inst.kind: residuals[inst.kind]})):
+        for label, subjects in (("without", {}), ("with", {inst.kind: residuals[name]})):
             jobs = [(f"a {inst.kind} on a {backgrounds[i % len(backgrounds)]} background", subjects, None, i)
                     for i in range(args.residual_prompts)]
             row[label] = summarize_instances([score_instance(im, inst) for im in source.prompts(jobs)])
-    # composition: both residuals in one prompt, each subject in its own half
-    kinds = [inst.kind for inst in INSTANCES.values()]
-    boxes = {kinds[0]: COMPOSE_BOXES["left"], kinds[1]: COMPOSE_BOXES["right"]}
+        if args.named and engine is not None:            # the ceiling: the prompt spells the instance out (world v2)
+            phrase = Thing(inst.kind, inst.colour, (0, 0, 1, 1), inst.pattern, inst.second).phrase(True, True)
+            jobs = [(f"{phrase} on a {backgrounds[i % len(backgrounds)]} background", {}, None, i)
+                    for i in range(args.residual_prompts)]
+            row["named"] = summarize_instances([score_instance(im, inst) for im in source.prompts(jobs)])
+    # composition: two residuals in one prompt, each subject in its own half
     comp = {}
-    for label, subjects in (("without", {}), ("with", {k: residuals[k] for k in kinds})):
-        prompt = f"a {kinds[0]} and a {kinds[1]} on a {{}} background"
-        jobs = [(prompt.format(backgrounds[i % len(backgrounds)]), subjects, boxes, i)
-                for i in range(args.residual_prompts)]
-        images = source.prompts(jobs)
-        per = {name: [score_instance(im, inst).exact for im in images] for name, inst in INSTANCES.items()}
-        comp[label] = {**{name: float(np.mean(v)) for name, v in per.items()},
-                       "both": float(np.mean([all(x) for x in zip(*per.values())]))}
+    names = list(chosen)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if chosen[a].kind != chosen[b].kind]
+    for a, b in pairs:
+        ka, kb = chosen[a].kind, chosen[b].kind
+        boxes = {ka: COMPOSE_BOXES["left"], kb: COMPOSE_BOXES["right"]}
+        entry = {}
+        for label, subjects in (("without", {}), ("with", {ka: residuals[a], kb: residuals[b]})):
+            prompt = f"a {ka} and a {kb} on a {{}} background"
+            jobs = [(prompt.format(backgrounds[i % len(backgrounds)]), subjects, boxes, i)
+                    for i in range(args.residual_prompts)]
+            images = source.prompts(jobs)
+            per = {n: [score_instance(im, chosen[n]).exact for im in images] for n in (a, b)}
+            entry[label] = {**{n: float(np.mean(v)) for n, v in per.items()},
+                            "both": float(np.mean([all(x) for x in zip(*per.values())]))}
+        comp[f"{a}+{b}"] = entry
     results["composition"] = comp
+    if all(n in chosen for n in DEMO_RESIDUALS):
+        results["demo"] = evaluate_demo(source, {n: residuals[n] for n in DEMO_RESIDUALS}, args.residual_prompts)
     return results
+
+
+def evaluate_demo(source, residuals: dict, prompts: int) -> dict:
+    """The `make demo` layout: both residual instances exact, the plain subject found in its colour
+    with its kind, and every subject's region centred in its box (layout) / inside it (containment)."""
+    backgrounds = list(BACKGROUNDS)
+    insts = [INSTANCES[n] for n in DEMO_RESIDUALS]
+    kind, colour = DEMO_PLAIN
+    words = [i.kind for i in insts]
+    scene = Scene(tuple(Thing(i.kind, i.colour, (0, 0, 1, 1)) for i in insts) + (Thing(kind, colour, (0, 0, 1, 1)),),
+                  "sand", "")
+    out = {}
+    for label, subjects in (("without", {}), ("with", {i.kind: residuals[n] for n, i in zip(DEMO_RESIDUALS, insts)})):
+        jobs = [(f"a {words[0]}, a {words[1]} and a {colour} {kind} on a {backgrounds[i % len(backgrounds)]} "
+                 "background", subjects, DEMO_BOXES, i) for i in range(prompts)]
+        exact, plain, layout, inside = [], [], [], []
+        for im in source.prompts(jobs):
+            hits = [score_instance(im, inst) for inst in insts]
+            exact.append([h.exact for h in hits])
+            (star,) = score_scene(im, Scene(scene.objects[2:], "sand", ""), DEMO_BOXES)
+            plain.append(star.kind_ok)
+            in_box, share = [star.in_box], [star.inside] if star.inside is not None else []
+            for inst in insts:                    # the instances by their main colour
+                (o,) = score_scene(im, Scene((Thing(inst.kind, inst.colour, (0, 0, 1, 1)),), "sand", ""), DEMO_BOXES)
+                in_box.append(o.in_box)
+                share += [o.inside] if o.inside is not None else []
+            layout.append(float(np.mean(in_box)))
+            inside.append(float(np.mean(share)) if share else 0.0)
+        out[label] = {**{n: float(np.mean([e[k] for e in exact])) for k, n in enumerate(DEMO_RESIDUALS)},
+                      "both": float(np.mean([all(e) for e in exact])), "plain_fidelity": float(np.mean(plain)),
+                      "all": float(np.mean([all(e) and p for e, p in zip(exact, plain)])),
+                      "layout": float(np.mean(layout)), "containment": float(np.mean(inside))}
+    return out
 
 
 # ---- report ------------------------------------------------------------------------------------------------
 def format_tables(results: dict) -> str:
     lines = ["| subjects | prompts | fidelity w/o guidance | fidelity with | layout w/o guidance | layout with "
-             "| chance |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| chance | containment w/o / with |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, row in results["layout"].items():
         u, g = row["unguided"], row["guided"]
         lines.append(f"| {n} | {row['prompts']} | {u['fidelity']:.3f} | {g['fidelity']:.3f} | {u['layout']:.3f} | "
-                     f"{g['layout']:.3f} | {row['chance']:.3f} |")
+                     f"{g['layout']:.3f} | {row['chance']:.3f} | {u['containment']:.3f} / {g['containment']:.3f} |")
     res = results.get("residuals")
     if res:
         lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with "
                   "| exact instance w/o / with |",
                   "|---|---:|---:|---:|---:|"]
-        for name in INSTANCES:
+        for name in [n for n in res if n in INSTANCES]:
             w, r = res[name]["without"], res[name]["with"]
             lines.append(f"| {name} | {r['images']} | {w['kind_present']:.2f} / {r['kind_present']:.2f} | "
                          f"{w['pattern']:.2f} / {r['pattern']:.2f} | {w['exact']:.2f} / {r['exact']:.2f} |")
-        c = res["composition"]
-        names = " + ".join(INSTANCES)
-        lines.append(f"| composed ({names}) | | | | both exact: {c['without']['both']:.2f} / {c['with']['both']:.2f} |")
+        for pair, c in res["composition"].items():
+            lines.append(f"| composed ({pair.replace('+', ' + ')}, layout-guided) | | | | both exact: "
+                         f"{c['without']['both']:.2f} / {c['with']['both']:.2f} |")
+        named = [f"{n} {res[n]['named']['exact']:.2f}" for n in res if n in INSTANCES and "named" in res[n]]
+        if named:
+            lines += ["", "exact instance when the prompt spells it out (no residual): " + ", ".join(named)]
+        d = res.get("demo")
+        if d:
+            pairs = "; ".join(f"{label} {d['without'][k]:.2f} / {d['with'][k]:.2f}" for label, k in (
+                ("both exact", "both"), ("plain subject", "plain_fidelity"), ("all three", "all"),
+                ("layout", "layout"), ("containment", "containment")))
+            lines += ["", f"`make demo` layout ({' + '.join(DEMO_RESIDUALS)} residuals + a "
+                      f"{' '.join(DEMO_PLAIN[::-1])}), without / with the residuals: {pairs}"]
     return "\n".join(lines)
 
 
@@ -213,8 +309,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from cones2.threads import configure_threads
+
+    configure_threads(args.threads)          # None: the measured default (bench/results/threads.md)
     engine = None
     if args.oracle:
         source = OracleImages()
@@ -222,7 +319,8 @@ def main(argv=None) -> int:
         import cones2
 
         engine = cones2.Engine.from_pretrained(args.model)
-        source = ModelImages(engine, args.steps, args.cfg, args.batch)
+        source = ModelImages(engine, args.steps, args.cfg, args.batch, args.guidance_steps, args.strength,
+                             mode=args.mode)
     t0 = time.perf_counter()
     results = {"model": "oracle" if args.oracle else (args.model or "embedded default"),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},

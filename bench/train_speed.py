@@ -63,7 +63,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare-optimizers", action="store_true",
                    help="also time AdamW implementations over E' (for-loop / foreach / fused)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the rule of cones2.threads)")
     args = p.parse_args(argv)
+    from cones2.threads import configure_threads
+
+    configure_threads(args.threads)
     if args.warmup >= args.steps:
         p.error("--warmup must be smaller than --steps")
 

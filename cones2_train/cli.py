@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from cones2 import Cones2Error
 from cones2.cli.exit_codes import run_cli
 from cones2.cli.parser import ArgumentParser
 from cones2.outputs import output_file, output_folder

@@ -16,7 +16,16 @@ from typing import BinaryIO, Callable, Iterator
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux allows (setting it, even briefly,
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -71,8 +80,9 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a scratch folder beside `target`; when the block succeeds it replaces `target` (one
-    rename), when it raises the scratch folder is removed and `target` is left as it was.
+    """Yield a scratch folder beside `target`; when the block succeeds it replaces `target` (an old
+    `target` is renamed aside, ours renamed in right after, then the old one removed; a failed
+    rename puts the old one back), when it raises the scratch folder is removed and `target` is left as it was.
 
     keep_existing: if `target` appeared meanwhile (another process built the same cache entry),
     keep that one and drop ours. The folder gets the umask's mode, not mkdtemp's 0700."""
@@ -85,11 +95,21 @@ def atomic_directory(target: str | os.PathLike, *, keep_existing: bool = False) 
         if target.exists() and keep_existing:
             shutil.rmtree(tmp)
             return
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        os.replace(tmp, target)
+        old = None
+        if target.exists() or target.is_symlink():   # moved aside, not deleted, until ours is in place
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)

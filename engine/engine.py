@@ -80,6 +80,8 @@ class Generation:
     request: GenerationRequest
     timings: dict[str, float]
     subject_tokens: list[SubjectTokens]
+    model_id: str = ""
+    backend: str = ""
 
     @property
     def seed(self) -> int:
@@ -92,7 +94,8 @@ class Generation:
                 "guidance_weight": c.guidance_weight, "cfg_scale": c.cfg_scale, "negative_weight": c.negative_weight,
                 "height": c.height, "width": c.width, "mode": c.mode,
                 "subjects": {t.name: list(t.residual_starts) for t in self.subject_tokens if t.name in self.request.subjects},
-                "layout": repr(self.request.layout) if self.request.layout else None}
+                "layout": repr(self.request.layout) if self.request.layout else None,
+                "model": self.model_id, "backend": self.backend}
 
     def png(self) -> bytes:
         """The image as PNG bytes carrying `parameters()` in its text metadata (CLI and service)."""
@@ -153,7 +156,8 @@ class Engine:
         return cls(components, dev, dt, backend, backend_options, compile)
 
     @classmethod
-    def from_pipeline(cls, pipe, *, backend: str | None = None, backend_options: dict | None = None) -> "Engine":
+    def from_pipeline(cls, pipe, *, backend: str | None = None, backend_options: dict | None = None,
+                      compile: bool = False) -> "Engine":
         """An engine over an already-loaded diffusers `StableDiffusionPipeline` (SD 1.x/2.x), sharing
         its modules (no weights copied). The pipeline stays usable: the engine's attention processor
         computes plain attention exactly when the pipeline calls the UNet without a layout."""
@@ -172,7 +176,7 @@ class Engine:
         source = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None) or "pipeline"
         components = Components(pipe.tokenizer, pipe.text_encoder, unet, pipe.vae, scheduler_config, str(source),
                                 f"pipeline@{type(pipe).__name__}")
-        return cls(components, device, dtype, backend, backend_options)
+        return cls(components, device, dtype, backend, backend_options, compile)
 
     # ---- model facts -----------------------------------------------------------------------------
     tokenizer = property(lambda self: self.components.tokenizer)
@@ -261,7 +265,7 @@ class Engine:
         subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
         subject words. mode: "paper-exact" (SPEC 4) or "fast" (DPM-Solver++ 2M, docs/speed.md).
         steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 20
-        steps, the first 40% guided).
+        steps, the first 60% guided).
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
         """
         req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
@@ -299,8 +303,10 @@ class Engine:
         with clock("decode"):
             pixels = runner.decode(latents) if hasattr(runner, "decode") else self.decode(latents)
         timings["total"] = sum(timings.values())
+        backend_name = backend or self.default_backend
         return [Generation(Image.fromarray(pixels[i]), latents[i : i + 1].cpu(), p.cond[None].float().cpu(), r,
-                           dict(timings), p.tokens) for i, (r, p) in enumerate(zip(requests, prepared))]
+                           dict(timings), p.tokens, self.components.model_id, backend_name)
+                for i, (r, p) in enumerate(zip(requests, prepared))]
 
     def warmup(self, resolutions: list[int | tuple[int, int]] | None = None, batch_sizes: list[int] = (1,), *,
                backend: str | None = None) -> dict[tuple[int, int, int], float]:

@@ -35,9 +35,10 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "paper-exact": Mode("paper-exact", EULER, default_steps=50, guidance_percent=100, cpu_noise=True),
-    # 20 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 40% (8 of 20): 28 UNet calls
-    # of batch 2 instead of paper-exact's 100. Measured in bench/results/quality.md.
-    "fast": Mode("fast", DPMPP_2M, default_steps=20, guidance_percent=40, cpu_noise=False),
+    # 20 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 60% (12 of 20): 32 UNet calls
+    # of batch 2 instead of paper-exact's 100. 40% lost layout accuracy with 3 subjects (0.89 vs 0.97):
+    # bench/results/quality.md, docs/speed.md.
+    "fast": Mode("fast", DPMPP_2M, default_steps=20, guidance_percent=60, cpu_noise=False),
 }
 
 

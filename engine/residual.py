@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class Residual:
             tensors = st_load(data)
             meta = _safetensors_metadata(data)
         except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-            raise Cones2Error(f"not a readable safetensors file ({exc})", name) from None
+            raise Cones2Error(f"not a readable safetensors file ({quote(str(exc))})", name) from None
         if TENSOR_KEY not in tensors:
             raise Cones2Error(f"safetensors file has no {TENSOR_KEY!r} tensor (has {quote(sorted(tensors))})", name)
         token_ids = meta.pop("token_ids", None)
@@ -140,7 +141,9 @@ def _validated_tensor(t, name: str) -> torch.Tensor:
 
 def _load_legacy(path: Path, name: str) -> torch.Tensor:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():      # e.g. "pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # pickle errors of many kinds; weights_only refuses code objects. torch's own
         # message is many lines and suggests weights_only=False, which runs the file's code: not repeated.
         raise Cones2Error(f"cannot read {path.name}: not a plain tensor file (read with weights_only=True, which "

@@ -187,7 +187,8 @@ def _launch(tuned, kernel, grid, args, n: int, d: int, dtype: torch.dtype, **con
         tuned[grid](*args, **meta)
     else:
         config = tuning.fixed_config(d)
-        kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
@@ -210,8 +211,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> N
     if k.shape[2] < 1:
         raise KernelArgumentError("needs at least one key", "k")
     if q.device.type != "cuda" and not interpreting():
-        raise KernelArgumentError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
-                          f"got tensors on {q.device}", "q")
+        raise KernelArgumentError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                                  f"interpreter); got tensors on {q.device}", "q")
 
 
 def logit_std(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU in tests
 
+from cones2.threads import configure_threads  # noqa: E402
+
+configure_threads(None)   # the commands' measured default (one thread on a 2-core machine), for the suite too
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -33,8 +33,8 @@ def test_scenes_are_deterministic_and_varied():
     others = {make_scene(3, i).caption for i in range(40)}
     assert len(others) == 40
     assert make_scene(4, 17, PATTERNED) != a
-    inst = [np.asarray(instance_scene("striped_star", 0, i).render()) for i in range(2)]
-    assert np.array_equal(inst[0], np.asarray(instance_scene("striped_star", 0, 0).render()))
+    inst = [np.asarray(instance_scene("twotone_ring", 0, i).render()) for i in range(2)]
+    assert np.array_equal(inst[0], np.asarray(instance_scene("twotone_ring", 0, 0).render()))
     assert not np.array_equal(inst[0], inst[1])
 
 
@@ -54,6 +54,51 @@ def test_scene_invariants_and_captions():
             for q in boxes[j + 1:]:
                 assert p[2] + 2 <= q[0] or q[2] + 2 <= p[0] or p[3] + 2 <= q[1] or q[3] + 2 <= p[1]
     assert counts == {1, 2, 3, 4}
+
+
+def test_world_v2_captions_name_both_colours():
+    """World v2 names a patterned object's second colour right after its main colour; the random
+    draws are those of v1 (same objects, boxes and backgrounds for the same seed and index)."""
+    v2 = WorldConfig(p_pattern=0.4, name_second=True)
+    seen = 0
+    for i in range(80):
+        a, b = make_scene(5, i, PATTERNED), make_scene(5, i, v2)
+        assert a.objects == b.objects and a.background == b.background and a.named_colours == b.named_colours
+        for o, named, second in zip(b.objects, b.named_colours, b.named_seconds):
+            assert second == (named and o.pattern != "plain")
+            if second:
+                seen += 1
+                assert f"a {o.pattern} {o.colour} and {o.second} {o.kind}" in b.caption
+            elif o.pattern != "plain":
+                assert f"a {o.pattern} {o.kind}" in b.caption
+    assert seen >= 10
+    assert not any(any(make_scene(5, i, PATTERNED).named_seconds) for i in range(20))     # v1 never names it
+
+
+def test_caption_table_second_colour():
+    from cones2_train.demo_world import models
+    from cones2_train.demo_world.data import COLOUR_LIST, caption_table
+
+    scenes = [make_scene(6, i, WorldConfig(p_pattern=0.5, name_second=True)) for i in range(30)]
+    table = caption_table(models.build_tokenizer(), scenes)
+    for i, s in enumerate(scenes):
+        for j, o in enumerate(s.objects):
+            want = COLOUR_LIST.index(o.second) if s.named_seconds[j] else -1
+            assert int(table.second[i, j]) == want
+    assert (table.second >= 0).any()
+
+
+def test_recipe_world_fingerprints():
+    """The v1 world is left out of the fingerprints (old checkpoints stay valid); v2 changes the
+    text and unet stages, not the VAE (which always learns on the v1 world)."""
+    from cones2_train.demo_world.recipe import Recipe
+
+    v1, v2 = Recipe(), Recipe.v2()
+    assert v1.world_tag() == "" and v2.world_tag()
+    assert v1.fingerprint("vae") == v2.fingerprint("vae")
+    assert v1.fingerprint("text") != v2.fingerprint("text") and v1.fingerprint("unet") != v2.fingerprint("unet")
+    assert v2.world() == WorldConfig(p_pattern=0.4, name_second=True)
+    assert v1.demo_version == "demo-world-v1" and v2.demo_version == "demo-world-v2"
 
 
 def test_ground_truth_boxes_match_rendered_pixels():
@@ -98,6 +143,29 @@ def test_detector_every_kind_and_colour_at_the_size_extremes():
                 img = Scene((Thing(kind, colour, (10, 12, 10 + size, 12 + size)),), bg, "").render()
                 (d,) = detector.detect(img)
                 assert (d.kind, d.colour, d.pattern) == (kind, colour, "plain"), (size, kind, bg)
+
+
+def test_detector_recognises_every_instance_exactly():
+    """Every subject instance, at the instance renders' sizes (22-30 px) on every background, is
+    found alone with its kind, both colours, its pattern and its centre (to 1 px)."""
+    for name, inst in INSTANCES.items():
+        for i in range(16):
+            s = instance_scene(name, 3, i)
+            (d,) = detector.detect(s.render())
+            assert (d.kind, d.colour, d.pattern, d.second) == (inst.kind, inst.colour, inst.pattern, inst.second), \
+                (name, i, s.background)
+            assert max(abs(a - b) for a, b in zip(d.centre, s.objects[0].centre)) <= 1.0
+
+
+def test_containment_matches_pixel_count():
+    from cones2_train.demo_world.metrics import containment
+
+    region = np.zeros((64, 64), bool)
+    region[10:30, 20:40] = True                                           # 400 pixels
+    assert containment(region, (0, 0, 1, 1)) == 1.0
+    assert containment(region, (20 / 64, 10 / 64, 40 / 64, 30 / 64)) == 1.0
+    assert containment(region, (30 / 64, 0, 1, 1)) == 0.5                 # columns 30..39 of 20..39
+    assert containment(region, (0.9, 0.9, 1, 1)) == 0.0
 
 
 def test_detector_on_empty_and_noise_images():
@@ -244,10 +312,17 @@ def test_quality_metrics_score_the_world_itself_perfectly(tmp_path):
     res = json.loads(out.read_text())
     for row in res["layout"].values():
         assert row["guided"]["fidelity"] == 1.0 and row["guided"]["layout"] == 1.0
+        assert row["guided"]["containment"] == 1.0
         assert row["unguided"]["fidelity"] == 1.0 and row["unguided"]["layout"] < 0.8
+        assert row["unguided"]["containment"] < 0.8
     for name in INSTANCES:
         assert res["residuals"][name]["with"]["exact"] == 1.0 and res["residuals"][name]["without"]["exact"] == 0.0
-    assert res["residuals"]["composition"]["with"]["both"] == 1.0
+    assert res["residuals"]["composition"]
+    for pair in res["residuals"]["composition"].values():
+        assert pair["with"]["both"] == 1.0 and pair["without"]["both"] == 0.0
+    demo = res["residuals"]["demo"]                   # two residual instances + a plain subject, in boxes
+    assert demo["with"]["all"] == 1.0 and demo["with"]["layout"] == 1.0 and demo["with"]["containment"] == 1.0
+    assert demo["without"]["both"] == 0.0 and demo["without"]["plain_fidelity"] == 1.0
 
 
 def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
@@ -259,8 +334,8 @@ def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
     for n, row in res["layout"].items():
         for key in ("guided", "unguided"):
             assert row[key]["objects"] == 3 * int(n)
-            assert all(0.0 <= row[key][m] <= 1.0 for m in ("present", "fidelity", "layout"))
-    assert set(res["residuals"]) == set(INSTANCES) | {"composition"}
+            assert all(0.0 <= row[key][m] <= 1.0 for m in ("present", "fidelity", "layout", "containment"))
+    assert set(res["residuals"]) == set(INSTANCES) | {"composition", "demo"}
 
 
 def test_instance_folder_and_templates(tmp_path):

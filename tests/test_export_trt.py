@@ -102,26 +102,36 @@ def _fake_build(tmp_path, model_id, flavour):
 
 
 def test_tensorrt_backend_errors(tiny_engine, tiny_model_dir, tmp_path, monkeypatch):
+    from cones2.backends import why_unavailable
+    from cones2.export.trt_backend import TrtUNetRunner
+
     model_id = tiny_engine.components.model_id
+    build = str(_fake_build(tmp_path, model_id, "tensorrt"))
+    # the registry refuses before anything loads: TensorRT engines need CUDA, and a TensorRT package
+    with pytest.raises(Cones2Error, match="^backend: 'tensorrt' cannot run on cpu: TensorRT engines run on CUDA only; "
+                                          "usable here: "):
+        cones2.Engine.from_pretrained(tiny_model_dir, backend="tensorrt", backend_options={"engine_dir": build})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert why_unavailable("tensorrt", "cuda") == "TensorRT is not installed (see docs/export.md)"
+    monkeypatch.undo()
+    # the runner's own checks, reached directly (where the registry lets it be built)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(Cones2Error, match="^tensorrt: TensorRT is not installed"):
-        cones2.Engine.from_pretrained(tiny_model_dir, backend="tensorrt",
-                                      backend_options={"engine_dir": str(_fake_build(tmp_path, model_id, "tensorrt"))})
+        TrtUNetRunner(tiny_engine, build)
     with pytest.raises(Cones2Error, match="^engine_dir:.*needs"):
-        cones2.Engine.from_pretrained(tiny_model_dir, backend="tensorrt")
+        TrtUNetRunner(tiny_engine)
     with pytest.raises(Cones2Error, match="^engine_dir:.*no manifest.json"):
-        cones2.Engine.from_pretrained(tiny_model_dir, backend="tensorrt", backend_options={"engine_dir": str(tmp_path)})
+        TrtUNetRunner(tiny_engine, str(tmp_path))
     if _rtx() is not None:  # importable here: the next check is that it refuses the CPU
         with pytest.raises(Cones2Error, match="^device: TensorRT runs on CUDA only"):
-            cones2.Engine.from_pretrained(tiny_model_dir, backend="tensorrt", backend_options={
-                "engine_dir": str(_fake_build(tmp_path, model_id, "tensorrt-rtx"))})
+            TrtUNetRunner(tiny_engine, str(_fake_build(tmp_path, model_id, "tensorrt-rtx")))
 
 
 def test_cli_tensorrt_user_errors(tmp_path, capsys):
     from cones2.cli import main
 
     assert main(["generate", "--prompt", "a dog", "--backend", "tensorrt", "--out", str(tmp_path / "x.png")]) == 2
-    assert "--trt" in capsys.readouterr().err
+    assert "'tensorrt' cannot run on cpu: TensorRT engines run on CUDA only" in capsys.readouterr().err
     assert main(["export", "tensorrt", "--onnx", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
 

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_OF_FOLDER = {"engine": "cones2", "kernels": "cones2.kernels", "export": "cones2.export",
                      "cones2_train": "cones2_train", "tests": "tests"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
-# What the service may use of the engine: the names `cones2/__init__.py` exports, and three helpers.
-SERVE_MAY_IMPORT = {"cones2", "cones2.errors", "cones2.atomic", "cones2.threads", "cones2.backends"}
+# What the service may use of the engine: the names `cones2/__init__.py` exports, and the small
+# public helper modules (errors, value bounds, atomic writes, threads, the backend registry).
+SERVE_MAY_IMPORT = {"cones2", "cones2.errors", "cones2.limits", "cones2.atomic", "cones2.threads", "cones2.backends"}
 OUTSIDE_CORE = ("cones2.serve", "cones2.cli", "cones2.export", "cones2_train", "bench", "harness")
 
 

@@ -18,8 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec_reference as ref  # noqa: E402
 
-from cones2 import Cones2Error  # noqa: E402
-from cones2.kernels import cuda_loader  # noqa: E402
+from cones2.kernels import KernelArgumentError, KernelUnavailableError, cuda_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 M = 77
@@ -27,7 +26,11 @@ M = 77
 
 @pytest.fixture(scope="module")
 def built_library(tmp_path_factory) -> Path:
-    """libcones2_rca.so built from this checkout by CMake (about 10-20 s on 2 cores)."""
+    """libcones2_rca.so built from this checkout by CMake (about 10-20 s on 2 cores), or the one
+    $CONES2_RCA_LIBRARY names (bench/gpu_check.sh builds it once with the same CMake files)."""
+    given = os.environ.get("CONES2_RCA_LIBRARY")
+    if given and Path(given).is_file():
+        return Path(given)
     missing = [tool for tool in ("cmake", "nvcc") if shutil.which(tool) is None]
     if missing:
         reason = f"{' and '.join(missing)} not found: the CUDA library is not built here"
@@ -59,9 +62,20 @@ def test_library_builds_and_checks_arguments(built_library):
 
 
 def test_missing_library_is_a_clear_error(tmp_path):
-    with pytest.raises(Cones2Error, match="make cuda") as err:
+    with pytest.raises(KernelUnavailableError, match="make cuda") as err:
         cuda_loader.load_library(tmp_path / "nope.so")
     assert err.value.field == "cuda_library"
+
+
+def test_launcher_checks_arguments_before_loading():
+    """Bad tensors are a KernelArgumentError naming the argument, with or without the library."""
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(KernelArgumentError, match="CUDA tensor") as err:
+        cuda_loader.rectified_cross_attention(q, q, q, None, None)
+    assert err.value.field == "q"
+    with pytest.raises(KernelArgumentError) as err:
+        cuda_loader.rectified_cross_attention(q[0], q, q, None, None)
+    assert err.value.field == "q"
 
 
 def _layout_weight(n: int, negative: float) -> torch.Tensor:

@@ -2,10 +2,16 @@
 on the tiny model, and the backend says clearly where it cannot run."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
-pytest.importorskip("triton")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ci_support import import_or_skip  # noqa: E402
+
+import_or_skip("triton", "the triton backend needs the [triton] extra")
 import cones2  # noqa: E402
 from cones2.attention.triton_backend import TritonBackend  # noqa: E402
 
@@ -42,3 +48,13 @@ def test_cpu_default_stays_sdpa(tiny_model_dir):
         pytest.skip("a CUDA device is present; the CPU default is what this checks")
     engine = cones2.Engine.from_pretrained(tiny_model_dir)
     assert engine.default_backend == "sdpa"
+
+
+def test_kernel_argument_errors_become_cones2_errors_at_the_seam(engine):
+    """kernels/ is a leaf with its own ValueError; the engine's attention seam names the backend."""
+    backend = engine.runner("triton").backend
+    q = torch.randn(1, 2, 16, 8)
+    kv = torch.randn(1, 2, 77, 8)
+    with pytest.raises(cones2.Cones2Error) as err:
+        backend.cross(q, kv, kv, torch.zeros(1, 15, 77), torch.ones(1), 8 ** -0.5)   # weight has 15 rows, q 16
+    assert err.value.field == "backend.triton" and "\n" not in str(err.value)

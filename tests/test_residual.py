@@ -33,8 +33,15 @@ def test_pt_with_code_is_refused(tmp_path):
             return (print, ("owned",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(cones2.Cones2Error, match="cannot read evil.pt"):
-        cones2.Residual.load(tmp_path / "evil.pt")
+    with pytest.raises(cones2.Cones2Error) as info:
+        cones2.Residual.load(tmp_path / "evil.pt", "subjects.dog")
+    # one line: what the file is not, and how to convert it safely; never torch's "weights_only=False" advice
+    assert str(info.value) == ("subjects.dog: cannot read evil.pt: not a plain tensor file (read with "
+                               "weights_only=True, which never runs code); to convert it, load it yourself where "
+                               "you trust its source and save cones2.Residual(tensor).save('x.safetensors')")
+    (tmp_path / "garbage.pt").write_bytes(b"neither zip nor pickle")
+    with pytest.raises(cones2.Cones2Error, match="cannot read garbage.pt: not a plain tensor file"):
+        cones2.Residual.load(tmp_path / "garbage.pt")
 
 
 @pytest.mark.parametrize("tensor,msg", [

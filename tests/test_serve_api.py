@@ -57,7 +57,9 @@ def test_generate_equals_engine_generate_and_the_spec_reference(client, tiny_eng
     assert torch.equal(lat.latents, want.latents)                               # same latents, bit for bit
     assert torch.equal(st_load(lat.latents_safetensors)["cond_embeddings"], want.cond_embeddings)
     assert png.seed == 11 and png.batch_size == 1 and (png.width, png.height) == (SIZE, SIZE)
-    assert {"queue", "prepare", "sampling", "decode", "total"} <= set(png.timings)
+    t = png.timings
+    assert 0 <= t["queue"] < 5 and t["prepare"] > 0 and t["sampling"] > 0 and t["decode"] > 0
+    assert t["prepare"] + t["sampling"] + t["decode"] <= t["total"] < 60
     assert png.model_id == tiny_engine.components.model_id and png.engine_version == cones2.__version__
     assert png.png.startswith(b"\x89PNG") and lat.png == b"" and png.latents_safetensors == b""
 
@@ -182,9 +184,11 @@ BAD_CASES = {
     "subject not in prompt": (lambda: _req(subjects={"cat": make_residual()}), "subjects.cat"),
     "empty subject name": (lambda: _req(subjects={"": make_residual()}), "subjects[0].name"),
     "positions out of range": (lambda: _req(subjects={"dog": make_residual()}, subject_positions={"dog": [99]}),
-                               "subjects.dog.positions"),
+                               "subject_positions.dog"),
     "too many subjects": (lambda: _req(" ".join(f"w{i}" for i in range(9)),
-                                       boxes={f"w{i}": (0, 0, 1, 1) for i in range(9)}), "subjects"),
+                                       subjects={f"w{i}": make_residual(i) for i in range(9)}), "subjects"),
+    "too many boxes": (lambda: _req(" ".join(f"w{i}" for i in range(9)),
+                                    boxes={f"w{i}": (0, 0, 1, 1) for i in range(9)}), "layout.boxes"),
     "box outside [0,1]": (lambda: _req(boxes={"dog": (0.0, 0.0, 1.5, 1.0)}), "layout.boxes.dog"),
     "box negative": (lambda: _req(boxes={"dog": (-0.1, 0.0, 0.5, 1.0)}), "layout.boxes.dog"),
     "box inverted": (lambda: _req(boxes={"dog": (0.6, 0.0, 0.4, 1.0)}), "layout.boxes.dog"),
@@ -293,15 +297,18 @@ def test_residual_rpcs_survive_a_restart(tiny_engine, tmp_path):
 
 # ---- metrics, auth, TLS -------------------------------------------------------------------------
 def test_metrics_endpoint(client, server):
-    before = _metric(server, 'cones2_requests_total{code="INVALID_ARGUMENT",method="Generate"}')
+    names = ['cones2_requests_total{code="INVALID_ARGUMENT",method="Generate"}',
+             'cones2_requests_total{code="OK",method="Generate"}', "cones2_batch_size_count",
+             "cones2_batch_size_sum", 'cones2_request_latency_seconds_count{method="Generate"}']
+    before = {n: _metric(server, n) for n in names}
     with pytest.raises(grpc.RpcError):
         client.generate_request(_req(""))
     client.generate("a dog", steps=1, width=SIZE, height=SIZE)
-    assert _metric(server, 'cones2_requests_total{code="INVALID_ARGUMENT",method="Generate"}') == before + 1
-    assert _metric(server, 'cones2_requests_total{code="OK",method="Generate"}') >= 1
+    client.generate("a mug", steps=1, width=SIZE, height=SIZE)
+    delta = {n: _metric(server, n) - before[n] for n in names}
+    assert list(delta.values()) == [1, 2, 2, 2, 3]       # 2 batches of one request each; 3 latencies
     assert _metric(server, "cones2_queue_depth") == 0 and _metric(server, "cones2_ready") == 1
-    assert _metric(server, "cones2_batch_size_count") >= 1
-    assert _metric(server, 'cones2_request_latency_seconds_count{method="Generate"}') >= 2
+    assert _metric(server, "cones2_running_requests") == 0
 
 
 def _metric(server, name: str) -> float:
@@ -372,30 +379,35 @@ def test_client_command(server, client, tmp_path, capsys):
     assert "INVALID_ARGUMENT: prompt:" in capsys.readouterr().err
 
 
-def test_validation_tokenizer_does_not_race_the_worker(tiny_engine):
-    """HF tokenizers keep per-call padding state; validation (RPC threads) must not share the worker's."""
-    from cones2.serve.validation import ThreadSafeTokenizer
-    from cones2.tokens import prompt_token_ids
+def test_validation_and_the_worker_share_the_engine_tokenizer_safely(tiny_engine, tmp_path):
+    """Validation (RPC threads, `Engine.check`) and sampling (the worker) tokenize at once through
+    the engine's one lock: every validation sees the same subject positions as a lone check."""
+    from cones2.serve.residual_store import ResidualStore
+    from cones2.serve.validation import Limits, validate
 
-    worker_side, rpc_side = tiny_engine.tokenizer, ThreadSafeTokenizer(tiny_engine.tokenizer)
-    bad = []
+    store = ResidualStore(tmp_path, text_dim=32)
+    msg = _req("a photo of a dog and a mug", subjects={"dog": make_residual()}, boxes={"mug": (0.5, 0, 1, 1)})
+    want = [(t.name, t.word_positions) for t in tiny_engine.check(validate(msg, tiny_engine, store, Limits()).request)]
+    assert want == [("dog", (5,)), ("mug", (8,))]
+    seen, stop = [], threading.Event()
 
-    def encode():       # what Engine._prepare does on the worker thread
-        for _ in range(3000):
-            if len(prompt_token_ids(worker_side, "a dog and a mug")) != 77:
-                bad.append("padded")
+    def check():
+        while not stop.is_set():
+            v = validate(msg, tiny_engine, store, Limits())
+            seen.append([(t.name, t.word_positions) for t in tiny_engine.check(v.request)])
 
-    def locate():       # what validation does for each subject word
-        for _ in range(3000):
-            if rpc_side("dog", add_special_tokens=False).input_ids != [1929]:
-                bad.append("word")
-
-    threads = [threading.Thread(target=encode), threading.Thread(target=locate)]
+    threads = [threading.Thread(target=check) for _ in range(2)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    assert bad == []
+    try:
+        for seed in range(3):      # the worker's side: prompts of other lengths, encoded meanwhile
+            tiny_engine.generate("a dog on a long sandy beach under a wide blue sky", seed=seed, steps=1,
+                                 width=SIZE, height=SIZE, progress=False)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(seen) > 10 and all(s == want for s in seen)
 
 
 def test_port_in_use_is_a_clear_error(server, tiny_engine, tmp_path):
@@ -406,3 +418,16 @@ def test_port_in_use_is_a_clear_error(server, tiny_engine, tmp_path):
         Server(lambda: tiny_engine, ServeOptions(port=0, metrics_port=server.metrics_port,
                                                  residual_store=str(tmp_path))).start()
     assert err.value.field == "metrics_port"
+
+
+def test_client_command_checks_its_output_before_calling_the_server(tmp_path, capsys):
+    from cones2.cli import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    nowhere = ["client", "generate", "--target", "127.0.0.1:1", "--timeout", "2", "--prompt", "a dog"]  # no server
+    assert main([*nowhere, "--out", str(a_file / "x.png")]) == 2
+    assert "error: out: cannot write under" in capsys.readouterr().err
+    assert main([*nowhere, "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "error: out: must end in .png or .safetensors" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -1,7 +1,8 @@
 """Behaviour under load and faults: bounded queue, deadlines, cancellation, cross-request batching
 (results equal single requests), and a failing request never takes the worker or its batch down.
 
-The tiny model is fast, so these servers use the `step_delay` test hook (a sleep after each step)."""
+The tiny model is fast, so these servers run `SlowEngine` (tests/serve_support.py): the public
+`on_step` callback of `generate_batch` sleeps DELAY seconds per step."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,7 @@ from PIL import Image
 
 import cones2
 from cones2.serve.client import Client, build_request
-from serve_support import make_residual, running_server, wait_for
+from serve_support import SlowEngine, make_residual, running_server, wait_for
 
 SIZE = 64
 DELAY = 0.05
@@ -34,7 +35,7 @@ def _running(server) -> int:
 
 
 def test_full_queue_is_rejected_at_once_and_cancelling_frees_slots(tiny_engine, tmp_path):
-    with running_server(tiny_engine, tmp_path, max_queue=1, max_batch=1, step_delay=DELAY) as s, \
+    with running_server(SlowEngine(tiny_engine, DELAY), tmp_path, max_queue=1, max_batch=1) as s, \
             Client(s.address) as c:
         running = c.stub.Generate.future(_req(steps=100))          # >= 5 s if it ran to the end
         wait_for(lambda: _running(s) == 1)
@@ -56,7 +57,7 @@ def test_full_queue_is_rejected_at_once_and_cancelling_frees_slots(tiny_engine, 
 
 
 def test_deadline_shorter_than_the_run(tiny_engine, tmp_path):
-    with running_server(tiny_engine, tmp_path, max_batch=1, step_delay=DELAY) as s, Client(s.address) as c:
+    with running_server(SlowEngine(tiny_engine, DELAY), tmp_path, max_batch=1) as s, Client(s.address) as c:
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             c.stub.Generate(_req(steps=100), timeout=0.5)          # would need >= 5 s
@@ -71,7 +72,7 @@ def test_deadline_shorter_than_the_run(tiny_engine, tmp_path):
 
 
 def test_request_whose_deadline_passes_in_the_queue_never_runs(tiny_engine, tmp_path):
-    with running_server(tiny_engine, tmp_path, max_batch=4, step_delay=DELAY) as s, Client(s.address) as c:
+    with running_server(SlowEngine(tiny_engine, DELAY), tmp_path, max_batch=4) as s, Client(s.address) as c:
         blocker = c.stub.Generate.future(_req(steps=20, size=128))
         wait_for(lambda: _running(s) == 1)
         with pytest.raises(grpc.RpcError) as err:
@@ -90,7 +91,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential_ones(tiny_engine, 
              dict(prompt="a dog on the beach", seed=4, subjects={"dog": dog}, output="latents",
                   boxes={"dog": (0.5, 0, 1, 1)}, strengths={"dog": 4.0}, guidance_weight=0.5)]
     odd = dict(prompt="a dog", seed=5, steps=2)        # another step count: a batch of its own
-    with running_server(tiny_engine, tmp_path, max_batch=4, step_delay=DELAY) as s, Client(s.address) as c:
+    with running_server(SlowEngine(tiny_engine, DELAY), tmp_path, max_batch=4) as s, Client(s.address) as c:
         blocker = c.stub.Generate.future(_req(steps=6, size=128))
         wait_for(lambda: _running(s) == 1)
         futures = [c.stub.Generate.future(_req(**({"steps": 3} | spec)), timeout=60) for spec in specs + [odd]]
@@ -114,7 +115,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential_ones(tiny_engine, 
 
 
 def test_cancelling_one_member_of_a_batch_keeps_the_others(tiny_engine, tmp_path):
-    with running_server(tiny_engine, tmp_path, max_batch=4, step_delay=DELAY) as s, Client(s.address) as c:
+    with running_server(SlowEngine(tiny_engine, DELAY), tmp_path, max_batch=4) as s, Client(s.address) as c:
         blocker = c.stub.Generate.future(_req(steps=4, size=128))
         wait_for(lambda: _running(s) == 1)
         doomed = c.stub.Generate.future(_req(steps=12, seed=1))
@@ -144,7 +145,7 @@ class _FlakyEngine:
 
 
 def test_a_failing_request_does_not_take_down_its_batch_or_the_worker(tiny_engine, tmp_path):
-    with running_server(_FlakyEngine(tiny_engine), tmp_path, max_batch=4, step_delay=DELAY) as s, \
+    with running_server(_FlakyEngine(SlowEngine(tiny_engine, DELAY)), tmp_path, max_batch=4) as s, \
             Client(s.address) as c:
         blocker = c.stub.Generate.future(_req(steps=4, size=128))
         wait_for(lambda: _running(s) == 1)
@@ -191,9 +192,9 @@ def test_two_workers_each_with_their_own_engine_run_in_parallel(tiny_model_dir, 
 
     def load():
         engines.append(cones2.Engine.from_pretrained(tiny_model_dir, backend="sdpa"))
-        return engines[-1]
+        return SlowEngine(engines[-1], DELAY)
 
-    s = Server(load, ServeOptions(port=0, residual_store=str(tmp_path), workers=2, max_batch=1, step_delay=DELAY))
+    s = Server(load, ServeOptions(port=0, residual_store=str(tmp_path), workers=2, max_batch=1))
     s.start()
     try:
         assert s.wait_ready(120)
@@ -210,7 +211,7 @@ def test_two_workers_each_with_their_own_engine_run_in_parallel(tiny_model_dir, 
 
 
 def test_cancelling_a_stream_stops_its_generation(tiny_engine, tmp_path):
-    with running_server(tiny_engine, tmp_path, max_batch=1, step_delay=DELAY) as s, Client(s.address) as c:
+    with running_server(SlowEngine(tiny_engine, DELAY), tmp_path, max_batch=1) as s, Client(s.address) as c:
         call = c.stub.GenerateStream(_req(steps=100), timeout=60)          # >= 5 s if it ran to the end
         assert [next(call).progress.step for _ in range(2)] == [1, 2]
         t0 = time.monotonic()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -111,4 +113,16 @@ def test_entry_limit(tmp_path):
     store.register(make_residual(2).to_safetensors_bytes())
     with pytest.raises(StoreFull):
         store.register(make_residual(3).to_safetensors_bytes())
-    store.register(make_residual(1).to_safetensors_bytes())   # already there: not a new entry
+    info, created = store.register(make_residual(1).to_safetensors_bytes())   # already there: not a new entry
+    assert not created and len(store.list()) == 2 and info.id in {i.id for i in store.list()}
+
+
+def test_stored_files_get_the_mode_a_plain_write_would(tmp_path):
+    old = os.umask(0o027)
+    try:
+        store = ResidualStore(tmp_path, text_dim=32)
+        info, _ = store.register(make_residual(1).to_safetensors_bytes())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / f"{info.id}.safetensors").stat().st_mode) == 0o640   # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == [f"{info.id}.safetensors"]             # no temp file left

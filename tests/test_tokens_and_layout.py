@@ -40,6 +40,27 @@ def test_missing_subject_is_named(tokenizer):
         locate_subject(tokenizer, prompt_token_ids(tokenizer, "a dog"), "cat")
 
 
+def test_subject_past_the_cut_off_is_named(tokenizer):
+    """A word the 77-token window drops is not "missing": the message says where it went."""
+    words = ["a"] * 80 + ["teddybear"]                  # 'teddybear' starts at token 81 (token 0 is the start)
+    prompt = " ".join(words)
+    ids = prompt_token_ids(tokenizer, prompt)
+    with pytest.raises(cones2.Cones2Error) as info:
+        locate_subject(tokenizer, ids, "teddybear", prompt=prompt)
+    assert str(info.value) == ("subjects.teddybear: subject 'teddybear' lies past the prompt's 77-token limit (it "
+                               "starts at token 81; the text encoder reads tokens 1..75 only): move it earlier or "
+                               "shorten the prompt")
+    found = locate_subject(tokenizer, ids, "a", prompt=prompt)          # the words inside the window are found
+    assert found.word_positions == tuple(range(1, 76))
+
+
+def test_explicit_positions_are_bounded(tokenizer):
+    ids = prompt_token_ids(tokenizer, "a dog")
+    with pytest.raises(cones2.Cones2Error) as info:
+        locate_subject(tokenizer, ids, "dog", explicit=list(range(1, 10_000)))
+    assert str(info.value) == "subjects.dog.positions: needs 1 to 75 token positions, got 9999"
+
+
 def test_padding_never_matches(tokenizer):
     """SD 2.x pads with "!" (token 0): the word "!" must not match the padding."""
     with pytest.raises(cones2.Cones2Error):

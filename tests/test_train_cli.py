@@ -25,6 +25,14 @@ def _image_folder(path: Path, n: int = 3) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The CLIs set torch's thread count (--threads or the default rule): put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def _run(capsys, argv) -> tuple[int, str]:
     rc = main(argv)
     return rc, capsys.readouterr().err.strip()
@@ -74,6 +82,52 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, bad_inputs_dir, tiny_model
     assert len(err.splitlines()) == 1, err
     assert err.startswith("cones2-train: error: ") and expected in err, err
     assert not (d / "out.safetensors").exists()
+
+
+EARLY = [
+    (["--threads", "0"], "threads: must be an integer in [1, 1024], got 0"),
+    (["--out", "/proc/dog.safetensors"], "out: cannot create files in '/proc'"),
+    (["--out", "{d}/afile/dog.safetensors"], "out: cannot write under '{d}/afile': it is a file, not a folder"),
+    (["--out", "{d}/adir.safetensors"], "out: is a folder, not a file: '{d}/adir.safetensors'"),
+    (["--checkpoint-dir", "{d}/afile"], "checkpoint_dir: is a file, not a folder: '{d}/afile'"),
+    (["--checkpoint-dir", "/proc/ck"], "checkpoint_dir: cannot create files in '/proc'"),
+    (["--save-encoder", "{d}/afile"], "save_encoder: is a file, not a folder: '{d}/afile'"),
+    (["--lr", "-1e-3"], "lr: must be > 0, got -0.001"),
+]
+
+
+@pytest.mark.parametrize("argv,message", EARLY, ids=[m[:40] for _, m in EARLY])
+def test_unwritable_outputs_and_bad_flags_fail_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    import cones2_train.trainer as trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the outputs were checked")
+
+    monkeypatch.setattr(trainer, "Trainer", refuse)
+    images = _image_folder(tmp_path / "imgs", 1)
+    (tmp_path / "afile").write_bytes(b"precious")
+    (tmp_path / "adir.safetensors").mkdir()
+    argv = [a.replace("{d}", str(tmp_path)) for a in argv]
+    base = ["--images", str(images), "--word", "dog", "--no-progress"]
+    if "--out" not in argv:
+        base += ["--out", str(tmp_path / "dog.safetensors")]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc, err = _run(capsys, base + argv)
+    assert rc == 2 and err.startswith(f"cones2-train: error: {message.replace('{d}', str(tmp_path))}"), err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and (tmp_path / "afile").read_bytes() == b"precious"
+
+
+def test_demo_trainer_shares_the_exit_codes(tmp_path, capsys):
+    from cones2_train.demo_world.train import main as demo_main
+
+    (tmp_path / "afile").write_bytes(b"x")
+    assert demo_main(["--out", str(tmp_path / "afile"), "--smoke"]) == 2
+    assert capsys.readouterr().err == (f"python -m cones2_train.demo_world.train: error: out: is a file, not a folder: "
+                                       f"'{tmp_path / 'afile'}'\n")
+    assert demo_main(["--out", str(tmp_path / "run"), "--smoke", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: threads: must be an integer in [1, 1024], got 0\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_console_script_reports_errors_with_exit_2(tmp_path):

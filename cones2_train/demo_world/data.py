@@ -24,20 +24,24 @@ COLOUR_LIST = list(COLOURS)
 @dataclass
 class CaptionTable:
     """token_ids (N, 77) int64; positions (N, 4) int64 (0 = no object); boxes (N, 4, 4) float32;
-    colour (N, 4) int64 (index into COLOURS, -1 = not named or no object); pattern (N, 4) int64."""
+    colour (N, 4) int64 (index into COLOURS, -1 = not named or no object); pattern (N, 4) int64;
+    second (N, 4) int64 (a patterned object's second colour when the caption names it, else -1;
+    None in tables cached before world v2)."""
 
     token_ids: torch.Tensor
     positions: torch.Tensor
     boxes: torch.Tensor
     colour: torch.Tensor
     pattern: torch.Tensor
+    second: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.token_ids.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"token_ids": self.token_ids, "positions": self.positions, "boxes": self.boxes,
-                "colour": self.colour, "pattern": self.pattern}
+        out = {"token_ids": self.token_ids, "positions": self.positions, "boxes": self.boxes,
+               "colour": self.colour, "pattern": self.pattern}
+        return out if self.second is None else {**out, "second": self.second}
 
 
 def scenes(seed: int, count: int, start: int = 0, config: WorldConfig = WorldConfig()) -> list[Scene]:
@@ -51,6 +55,7 @@ def caption_table(tokenizer, scene_list: list[Scene]) -> CaptionTable:
     boxes = torch.zeros(n, MAX_OBJECTS, 4, dtype=torch.float32)
     colour = torch.full((n, MAX_OBJECTS), -1, dtype=torch.int64)
     pattern = torch.zeros(n, MAX_OBJECTS, dtype=torch.int64)
+    second = torch.full((n, MAX_OBJECTS), -1, dtype=torch.int64)
     for i, scene in enumerate(scene_list):
         tokens = prompt_token_ids(tokenizer, scene.caption)
         ids[i] = torch.tensor(tokens)
@@ -59,7 +64,9 @@ def caption_table(tokenizer, scene_list: list[Scene]) -> CaptionTable:
             boxes[i, j] = torch.tensor(obj.box, dtype=torch.float32) / scene.size
             colour[i, j] = COLOUR_LIST.index(obj.colour) if scene.named_colours[j] else -1
             pattern[i, j] = PATTERNS.index(obj.pattern)
-    return CaptionTable(ids, positions, boxes, colour, pattern)
+            if scene.named_seconds and scene.named_seconds[j]:
+                second[i, j] = COLOUR_LIST.index(obj.second)
+    return CaptionTable(ids, positions, boxes, colour, pattern, second)
 
 
 def empty_caption_ids(tokenizer) -> torch.Tensor:
@@ -82,12 +89,12 @@ def object_weights(scene_list: list[Scene], pixels: torch.Tensor, object_weight:
 
 
 @torch.no_grad()
-def encode_latents(vae, seed: int, count: int, batch: int = 256,
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae, seed: int, count: int, batch: int = 256, progress: bool = True,
+                   config: WorldConfig = WorldConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """Render scenes 0..count-1 of `seed` and encode them: posterior (mean, std), each (N, C, h, w)."""
     means, stds = [], []
     for start in tqdm(range(0, count, batch), desc="encode dataset", unit="batch", disable=not progress):
-        chunk = scenes(seed, min(batch, count - start), start)
+        chunk = scenes(seed, min(batch, count - start), start, config)
         post = vae.encode(to_pixels([s.render() for s in chunk])).latent_dist
         means.append(post.mean)
         stds.append(post.std)

@@ -111,12 +111,19 @@ def detect(image) -> list[Detection]:
 
 def find_colour(image, colour: str) -> Detection | None:
     """The largest region of pixels of `colour` (None when there is none of at least MIN_AREA)."""
+    found = find_colour_region(image, colour)
+    return None if found is None else found[0]
+
+
+def find_colour_region(image, colour: str) -> tuple[Detection, np.ndarray] | None:
+    """`find_colour` plus the region itself, a bool mask (H, W) (for containment in a box)."""
     labels = label_pixels(image)
     mask = labels.foreground & (labels.colour == COLOUR_NAMES.index(colour))
     regions = [r for r in components(mask) if r.sum() >= MIN_AREA]
     if not regions:
         return None
-    return _detection(max(regions, key=lambda r: r.sum()), colour, "plain", None)
+    region = max(regions, key=lambda r: r.sum())
+    return _detection(region, colour, "plain", None), region
 
 
 def _detection(region: np.ndarray, colour: str, pattern: str, second: str | None) -> Detection:

@@ -1,8 +1,8 @@
 """Subject instances as `cones2-train` inputs: a folder of images plus world-specific caption templates.
 
-    python -m cones2_train.demo_world.instances --instance striped_star --out runs/striped_star
-    cones2-train --model runs/demo/model --images runs/striped_star --word star \
-        --templates runs/striped_star/templates.txt --out star.safetensors ...
+    python -m cones2_train.demo_world.instances --instance twotone_ring --out runs/twotone_ring
+    cones2-train --model runs/demo/model --images runs/twotone_ring --word ring \
+        --templates runs/twotone_ring/templates.txt --out ring.safetensors ...
 
 The shipped everyday-photo templates ("a photo of a {}") mean nothing to a model that only knows this
 world, so the residual is averaged over captions of the world instead (SPEC 1.5 allows any fixed set).

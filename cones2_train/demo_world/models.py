@@ -16,7 +16,7 @@ import torch
 from cones2.atomic import atomic_directory
 from cones2.loading import quiet_library_logging
 
-from .recipe import DEMO_VERSION, Recipe
+from .recipe import Recipe
 from .world import IMAGE_SIZE
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -83,7 +83,7 @@ def write_model_dir(out_dir: str | os.PathLike, recipe: Recipe, vae, text_encode
         tokenizer.save_pretrained(tmp / "tokenizer")
         EulerDiscreteScheduler(prediction_type=recipe.prediction_type, **SD_SCHEDULE).save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_cones2_demo": DEMO_VERSION,
+            "_class_name": "StableDiffusionPipeline", "_cones2_demo": recipe.demo_version,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],

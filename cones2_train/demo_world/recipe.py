@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, replace
 
 from cones2 import Cones2Error
 
+from .world import WorldConfig
+
 STAGES = ("vae", "text", "unet")
 DEMO_VERSION = "demo-world-v1"
 
@@ -33,6 +35,11 @@ class Recipe:
     cross-attention at 8x8 and 4x4, see grounding.py). `dataset_size` scenes are rendered and
     encoded once for the unet stage; `caption_dropout` of their captions are replaced by "" (for
     classifier-free guidance).
+
+    World (text and unet stages; the VAE always learns on the default world): `p_pattern`, the
+    share of striped / two-tone objects, and `name_second`, whether captions name a patterned
+    object's second colour (world v2; the text stage then also probes the second colour). At their
+    v1 defaults they are left out of the fingerprints, so v1 checkpoints stay valid.
     """
 
     seed: int = 0
@@ -68,6 +75,9 @@ class Recipe:
     ema_decay: float = 0.999
     warmup_steps: int = 200
     grad_clip: float = 1.0
+    # world (text + unet stages)
+    p_pattern: float = 0.2
+    name_second: bool = False
 
     def __post_init__(self):
         for name in ("vae_steps", "text_steps", "unet_steps"):
@@ -80,6 +90,28 @@ class Recipe:
             raise Cones2Error(f"must be epsilon or v_prediction, got {self.prediction_type!r}", "prediction_type")
         if not 0 <= self.caption_dropout < 1:
             raise Cones2Error(f"must be in [0, 1), got {self.caption_dropout}", "caption_dropout")
+        if not 0 <= self.p_pattern <= 1:
+            raise Cones2Error(f"must be in [0, 1], got {self.p_pattern}", "p_pattern")
+
+    @classmethod
+    def v2(cls, **overrides) -> "Recipe":
+        """World v2 (issue 14): 40 % patterned objects whose captions name both colours."""
+        return cls(**{**WORLD_V2, **overrides})
+
+    @property
+    def demo_version(self) -> str:
+        """The model_index.json marker: demo-world-v1, or -v2 for the world that names both colours."""
+        return "demo-world-v2" if self.name_second else DEMO_VERSION
+
+    def world(self) -> WorldConfig:
+        """The world the text and unet stages learn from."""
+        return WorldConfig(p_pattern=self.p_pattern, name_second=self.name_second)
+
+    def world_tag(self) -> str:
+        """"" for the v1 world, else a short tag for cache file names."""
+        if all(getattr(self, k) == v for k, v in WORLD_DEFAULTS.items()):
+            return ""
+        return f"-p{self.p_pattern:g}" + ("-named2" if self.name_second else "")
 
     @classmethod
     def smoke(cls, **overrides) -> "Recipe":
@@ -108,6 +140,7 @@ class Recipe:
         for s in STAGES[: STAGES.index(stage) + 1]:
             keys |= set(STAGE_KEYS[s])
         keys.discard(f"{stage}_steps")
+        keys -= {k for k, v in WORLD_DEFAULTS.items() if d[k] == v}      # v1 fingerprints stay as they were
         return hashlib.sha256(json.dumps({k: d[k] for k in sorted(keys)}).encode()).hexdigest()[:16]
 
 
@@ -115,7 +148,9 @@ COMMON_KEYS = ("seed", "vae_channels", "latent_channels", "text_width", "text_la
                "unet_heads", "prediction_type", "warmup_steps", "grad_clip")
 STAGE_KEYS = {
     "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "vae_object_weight", "scale_samples"),
-    "text": ("text_steps", "text_batch", "text_lr"),
+    "text": ("text_steps", "text_batch", "text_lr", "p_pattern", "name_second"),
     "unet": ("unet_steps", "unet_batch", "unet_lr", "text_lr_joint", "grounding_weight", "pixel_weight",
              "caption_dropout", "dataset_size", "ema_decay"),
 }
+WORLD_DEFAULTS = {"p_pattern": 0.2, "name_second": False}     # world v1
+WORLD_V2 = {"p_pattern": 0.4, "name_second": True}

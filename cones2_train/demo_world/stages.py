@@ -166,6 +166,30 @@ def train_vae(run: Run) -> dict:
     return _finish(run, "vae", prefixed("vae", vae), info, scaling_factor=scale)
 
 
+def import_vae(run: Run, model_dir: str | Path) -> dict:
+    """Make `model_dir`'s VAE this run's finished vae stage, when that model's recipe.json shows the
+    same vae fingerprint and step count (the VAE always learns on the v1 world, so a v2 run can
+    reuse the v1 model's VAE: hours of CPU on a busy machine). The weights are the model's own (fp16
+    values in fp32), i.e. exactly the VAE that model decodes with."""
+    from diffusers import AutoencoderKL
+
+    r, model_dir = run.recipe, Path(model_dir)
+    try:
+        source = json.loads((model_dir / "recipe.json").read_text())["stages"]["vae"]
+    except (OSError, ValueError, KeyError):
+        raise Cones2Error(f"{model_dir} has no recipe.json with a vae stage (not a demo model)", "vae-from") from None
+    if source.get("fingerprint") != r.fingerprint("vae") or source.get("steps") != r.vae_steps:
+        raise Cones2Error(f"{model_dir}'s VAE was made by another vae recipe (fingerprint {source.get('fingerprint')}, "
+                          f"{source.get('steps')} steps; this run: {r.fingerprint('vae')}, {r.vae_steps} steps)",
+                          "vae-from")
+    vae = models.build_vae(r)
+    loaded = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
+    vae.load_state_dict(loaded.state_dict())
+    meta = {**source, "scaling_factor": float(loaded.config.scaling_factor), "imported_from": str(model_dir)}
+    write_artefact(run.artefact("vae"), prefixed("vae", vae), meta)
+    return meta
+
+
 @torch.no_grad()
 def latent_scale(vae, seed: int, count: int) -> float:
     """1 / std of the latents (posterior means) of `count` held-out scenes, like SD's scaling_factor."""
@@ -184,6 +208,8 @@ def train_text(run: Run, table: CaptionTable) -> dict:
     torch.manual_seed(r.seed + 3)
     probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(r.text_width, len(COLOUR_LIST) + 1),
                                   "pattern": torch.nn.Linear(r.text_width, len(PATTERNS))})
+    if r.name_second:                  # world v2: the kind word also carries the named second colour
+        probes["second"] = torch.nn.Linear(r.text_width, len(COLOUR_LIST) + 1)
     optimizer = torch.optim.AdamW(list(te.parameters()) + list(probes.parameters()), lr=r.text_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(r.seed + 202)
 
@@ -200,11 +226,17 @@ def train_text(run: Run, table: CaptionTable) -> dict:
         c_loss = F.cross_entropy(probes["colour"](words), colour)
         p_loss = F.cross_entropy(probes["pattern"](words), table.pattern[idx][valid])
         loss = c_loss + p_loss
+        losses = {"colour_ce": float(c_loss.detach()), "pattern_ce": float(p_loss.detach())}
+        if "second" in probes:
+            second = table.second[idx][valid]
+            s_loss = F.cross_entropy(probes["second"](words), torch.where(second < 0, len(COLOUR_LIST), second))
+            loss = loss + s_loss
+            losses["second_ce"] = float(s_loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(te.parameters(), r.grad_clip)
         optimizer.step()
-        return {"colour_ce": float(c_loss.detach()), "pattern_ce": float(p_loss.detach())}
+        return losses
 
     info = _stage_loop(run, "text", {"text": te, "probes": probes}, optimizer, generator, step)
     return _finish(run, "text", prefixed("text", te), info)
@@ -282,7 +314,8 @@ def alphas_cumprod() -> torch.Tensor:
 def dataset_latents(run: Run, vae_weights: dict, vae_meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, std) of dataset scenes 0..N-1, cached per (VAE artefact, N, seed)."""
     r = run.recipe
-    name = f"latents-{r.seed}-{r.dataset_size}-{vae_meta['fingerprint']}-{vae_meta['steps']}.safetensors"
+    name = (f"latents-{r.seed}-{r.dataset_size}{r.world_tag()}-{vae_meta['fingerprint']}-{vae_meta['steps']}"
+            ".safetensors")
     path = run.out / "cache" / name
     if path.is_file():
         t = load_file(path)
@@ -290,7 +323,7 @@ def dataset_latents(run: Run, vae_weights: dict, vae_meta: dict) -> tuple[torch.
     vae = models.build_vae(r)
     vae.load_state_dict(unprefixed("vae", vae_weights))
     vae.eval()
-    mean, std = encode_latents(vae, r.seed, r.dataset_size, progress=run.progress)
+    mean, std = encode_latents(vae, r.seed, r.dataset_size, progress=run.progress, config=r.world())
     write_artefact(path, {"mean": mean, "std": std}, {"scenes": r.dataset_size})
     return mean, std
 
@@ -298,10 +331,10 @@ def dataset_latents(run: Run, vae_weights: dict, vae_meta: dict) -> tuple[torch.
 def captions(run: Run) -> CaptionTable:
     """The caption table of dataset scenes 0..N-1 (cached: tokenizing 40k captions takes a while)."""
     r = run.recipe
-    path = run.out / "cache" / f"captions-{r.seed}-{r.dataset_size}.safetensors"
+    path = run.out / "cache" / f"captions-{r.seed}-{r.dataset_size}{r.world_tag()}.safetensors"
     if path.is_file():
         return CaptionTable(**load_file(path))
-    table = caption_table(models.build_tokenizer(), scenes(r.seed, r.dataset_size))
+    table = caption_table(models.build_tokenizer(), scenes(r.seed, r.dataset_size, config=r.world()))
     write_artefact(path, table.tensors(), {"scenes": r.dataset_size})
     return table
 
@@ -309,12 +342,31 @@ def captions(run: Run) -> CaptionTable:
 # ---- the model directory ------------------------------------------------------------------------------------
 def export(run: Run, model_dir: Path | None = None) -> Path:
     """Write OUT/model (diffusers layout, fp16): VAE with its scaling factor, EMA text encoder and UNet."""
-    r = run.recipe
     for stage in STAGES:
         run.require(stage)
+    final, _ = run.require("unet")
+    stages = {s: read_meta(run.artefact(s)) for s in STAGES}
+    return _write_model(run, final, stages, model_dir or run.out / "model")
+
+
+def export_snapshot(run: Run, model_dir: Path) -> Path:
+    """Write a model directory from the unet stage's latest checkpoint (its EMA weights), to measure a
+    run that is still training. Its recipe.json says `"snapshot_step"`; it is never the finished model."""
+    r = run.recipe
+    for stage in ("vae", "text"):
+        run.require(stage)
+    state = load_state(run.checkpoint("unet"), "unet", r.fingerprint("unet"))
+    if state["ema"] is None:
+        raise Cones2Error(f"{run.checkpoint('unet')} holds no EMA weights", "out")
+    stages = {s: read_meta(run.artefact(s)) for s in ("vae", "text")}
+    stages["unet"] = {"fingerprint": r.fingerprint("unet"), "snapshot_step": state["step"], "steps": r.unet_steps}
+    return _write_model(run, state["ema"], stages, Path(model_dir))
+
+
+def _write_model(run: Run, final: dict[str, torch.Tensor], stages: dict, model_dir: Path) -> Path:
+    r = run.recipe
     tokenizer = models.build_tokenizer()
     vae_weights, vae_meta = run.require("vae")
-    final, unet_meta = run.require("unet")
     vae = models.build_vae(r)
     vae.load_state_dict(unprefixed("vae", vae_weights))
     vae.register_to_config(scaling_factor=vae_meta["scaling_factor"])
@@ -322,5 +374,4 @@ def export(run: Run, model_dir: Path | None = None) -> Path:
     te.load_state_dict(unprefixed("text", final))
     unet = models.build_unet(r)
     unet.load_state_dict(unprefixed("unet", final))
-    stages = {s: read_meta(run.artefact(s)) for s in STAGES}
-    return models.write_model_dir(model_dir or run.out / "model", r, vae, te, unet, tokenizer, {"stages": stages})
+    return models.write_model_dir(model_dir, r, vae, te, unet, tokenizer, {"stages": stages})

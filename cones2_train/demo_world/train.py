@@ -15,18 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from cones2 import Cones2Error
+from cones2.cli.exit_codes import run_cli
+from cones2.cli.parser import ArgumentParser
+from cones2.outputs import output_folder
+from cones2.threads import configure_threads
 
 from . import stages as S
-from .loop import StageInterrupted
 from .models import weight_bytes
-from .recipe import STAGES, Recipe
+from .recipe import STAGES, WORLD_V2, Recipe
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cones2_train.demo_world.train", description=__doc__,
+PROG = "python -m cones2_train.demo_world.train"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder (checkpoints, stage artefacts, OUT/model)")
     p.add_argument("--stage", choices=[*STAGES, "all"], default="all")
@@ -34,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step count of --stage (or STAGE=N for any stage; repeatable); default: the recipe's")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--vae-from", metavar="MODEL_DIR",
+                   help="take the vae stage from this demo model (same vae recipe and steps) instead of training it")
+    p.add_argument("--world", choices=["v1", "v2"], default="v1",
+                   help="v2: 40%% patterned objects, captions name both colours (issue 14); v1: the first demo model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the measured rule of cones2.threads)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and on Ctrl-C)")
     p.add_argument("--smoke", action="store_true", help="the tiny test recipe (seconds; pictures are noise)")
     p.add_argument("--model-dir", help="where to write the diffusers directory (default OUT/model)")
@@ -43,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_from_args(args) -> Recipe:
-    recipe = Recipe.smoke(seed=args.seed) if args.smoke else Recipe(seed=args.seed)
+    world = WORLD_V2 if getattr(args, "world", "v1") == "v2" else {}
+    recipe = Recipe.smoke(seed=args.seed, **world) if args.smoke else Recipe(seed=args.seed, **world)
     steps = {}
     for item in args.steps:
         stage, eq, value = item.rpartition("=")
@@ -88,27 +98,25 @@ def train(out: str | Path, recipe: Recipe, stage: str = "all", *, resume: bool =
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise Cones2Error(f"must be >= 1, got {args.threads}", "threads")
-            torch.set_num_threads(args.threads)
-        if args.save_every < 0:
-            raise Cones2Error(f"must be >= 0, got {args.save_every}", "save-every")
-        recipe = recipe_from_args(args)
-        start = time.perf_counter()
-        summary = train(args.out, recipe, args.stage, resume=args.resume, save_every=args.save_every,
-                        progress=not args.no_progress, model_dir=args.model_dir)
-    except Cones2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StageInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:                    # outside a step loop (building the dataset caches)
-        print("interrupted before a stage's steps began; nothing to save (caches are written whole or not at all)",
-              file=sys.stderr)
-        return 130
+    # a bare Ctrl-C comes outside a step loop (building the dataset caches); a stage's own interrupt
+    # (StageInterrupted) carries its message: where the checkpoint went
+    return run_cli(PROG, lambda: _run(args), interrupted="interrupted before a stage's steps began; nothing to "
+                   "save (caches are written whole or not at all)")
+
+
+def _run(args) -> int:
+    configure_threads(args.threads)
+    if args.save_every < 0:
+        raise Cones2Error(f"must be >= 0, got {args.save_every}", "save-every")
+    recipe = recipe_from_args(args)
+    output_folder(args.out, "out")
+    if args.model_dir:
+        output_folder(args.model_dir, "model-dir", replaced=True)
+    start = time.perf_counter()
+    if getattr(args, "vae_from", None) and S.Run(Path(args.out), recipe).finished("vae") is None:
+        S.import_vae(S.Run(Path(args.out), recipe), args.vae_from)
+    summary = train(args.out, recipe, args.stage, resume=args.resume, save_every=args.save_every,
+                    progress=not args.no_progress, model_dir=args.model_dir)
     for name in STAGES:
         if name in summary:
             m = summary[name]

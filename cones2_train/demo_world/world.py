@@ -41,6 +41,9 @@ class WorldConfig:
 
     p_pattern: chance that an object is striped or two-tone. p_omit_colour: chance that the caption
     leaves an object's colour out ("a star"). p_omit_background: chance of no "on a ... background".
+    name_second: captions name a patterned object's second colour too ("a two-tone purple and green
+    ring" instead of "a two-tone purple ring"), so the kind word can carry the whole colour pairing
+    (world v2, the demo model of issue 14; v1 left it out).
     """
 
     min_objects: int = 1
@@ -52,6 +55,7 @@ class WorldConfig:
     p_pattern: float = 0.2
     p_omit_colour: float = 0.2
     p_omit_background: float = 0.15
+    name_second: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,16 @@ class Thing:
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2, (y0 + y1) / 2
 
-    def phrase(self, with_colour: bool = True) -> str:
+    def phrase(self, with_colour: bool = True, with_second: bool = False) -> str:
+        """"a red star", "a striped red star", with_second: "a striped red and yellow star" (the
+        second colour is named only together with the main one)."""
         words = ["a"]
         if self.pattern != "plain":
             words.append(self.pattern)
         if with_colour:
             words.append(self.colour)
+            if with_second and self.second is not None:
+                words += ["and", self.second]
         words.append(self.kind)
         return " ".join(words)
 
@@ -91,6 +99,7 @@ class Scene:
     caption: str
     size: int = IMAGE_SIZE
     named_colours: tuple[bool, ...] = field(default=())
+    named_seconds: tuple[bool, ...] = field(default=())      # per object: its second colour is in the caption
 
     @property
     def boxes(self) -> list[tuple[int, int, int, int]]:
@@ -134,8 +143,10 @@ def make_scene(seed: int, index: int, config: WorldConfig = WorldConfig(), n_obj
     background = str(rng.choice(list(BACKGROUNDS)))
     named = tuple(bool(rng.random() >= config.p_omit_colour) for _ in things)
     with_background = rng.random() >= config.p_omit_background
-    caption = compose_caption([t.phrase(c) for t, c in zip(things, named)], background if with_background else None)
-    return Scene(tuple(things), background, caption, IMAGE_SIZE, named)
+    seconds = tuple(bool(config.name_second and c and t.second is not None) for t, c in zip(things, named))
+    caption = compose_caption([t.phrase(c, s) for t, c, s in zip(things, named, seconds)],
+                              background if with_background else None)
+    return Scene(tuple(things), background, caption, IMAGE_SIZE, named, seconds)
 
 
 def compose_caption(phrases: list[str], background: str | None) -> str:
@@ -191,8 +202,11 @@ class Instance:
 
 
 INSTANCES = {
-    "striped_star": Instance("striped_star", "star", "red", "striped", "yellow"),
+    # two-tone (a 60/40 split at the 8-px scale of one latent cell); kinds and colour pairings all distinct,
+    # so that composed instances cannot be mistaken for each other
     "twotone_ring": Instance("twotone_ring", "ring", "purple", "two-tone", "green"),
+    "twotone_circle": Instance("twotone_circle", "circle", "blue", "two-tone", "yellow"),
+    "twotone_heart": Instance("twotone_heart", "heart", "red", "two-tone", "green"),
 }
 
 

@@ -15,6 +15,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="reference, sdpa, triton, onnxruntime or tensorrt (default: triton on CUDA, sdpa on CPU)")
     p.add_argument("--onnx", default=None, help="exported ONNX directory, for --backend onnxruntime")
     p.add_argument("--trt", default=None, help="TensorRT engine directory, for --backend tensorrt")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (CUDA graphs on CUDA); composes with reference, sdpa and triton. "
+                        "The first generation at a new size compiles (minutes on a small CPU; docs/speed.md)")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -25,7 +28,7 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
 def check_model_flags(args) -> dict:
     """Check device, dtype and backend flags without loading anything (a bad value answers at once);
     returns the keyword arguments for `Engine.from_pretrained`."""
-    from ..backends import get_spec, why_unavailable
+    from ..backends import ATTENTION, get_spec, why_unavailable
     from ..loading import parse_device, parse_dtype
 
     device = parse_device(args.device)
@@ -43,7 +46,11 @@ def check_model_flags(args) -> dict:
                     raise Cones2Error(f"--backend {args.backend} needs --{flag} DIR "
                                       f"(see `cones2-engine export {target}`)", flag)
                 options[need] = getattr(args, flag)
-    return {"device": args.device, "dtype": dtype, "backend": args.backend, "backend_options": options}
+        if getattr(args, "compile", False) and spec.kind != ATTENTION:
+            raise Cones2Error(f"--backend {args.backend} runs its own compiled graphs; --compile applies to "
+                              "the attention backends (reference, sdpa, triton)", "compile")
+    return {"device": args.device, "dtype": dtype, "backend": args.backend, "backend_options": options,
+            "compile": bool(getattr(args, "compile", False))}
 
 
 def load_engine(args, checked: dict | None = None):

@@ -38,4 +38,5 @@ def run_cli(prog: str, run: Callable[[], int | None], interrupted: str = "interr
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """A message that carries line breaks (a library's) still prints as one line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -9,17 +9,19 @@ import argparse
 import dataclasses
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .. import limits
 from ..atomic import atomic_write
 from ..config import SamplingConfig
-from ..engine import GenerationRequest
 from ..errors import Cones2Error
-from ..layout import Layout
 from ..limits import positions as check_positions
 from ..outputs import output_file
-from ..residual import Residual
 from ..threads import configure_threads
 from .common import add_model_flags, add_threads_flag, check_model_flags, key_value, load_engine, numbers
+
+if TYPE_CHECKING:
+    from ..engine import GenerationRequest
 
 PLACEHOLDER_SIDE = 64   # stands in for a side the model decides, while the other settings are checked
 
@@ -41,15 +43,17 @@ def register(sub) -> None:
     p.add_argument("--strength", action="append", default=[], metavar="NAME=W",
                    help="layout strength w+ for a subject, in [0, 1e4] (default 2.5)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--steps", type=int, default=None, help="default 50, at most 1000")
-    p.add_argument("--guidance-steps", type=int, default=None, help="default: all steps")
+    p.add_argument("--steps", type=int, default=None, help="default: 50 in paper-exact mode, 20 in fast mode; at most 1000")
+    p.add_argument("--guidance-steps", type=int, default=None,
+                   help="default: all steps in paper-exact mode, the first 60%% in fast mode")
     p.add_argument("--guidance-weight", type=float, default=None, help="in [0, 10], default 0.08")
     p.add_argument("--cfg", type=float, default=None, help="in [0, 100], default 7.5")
     p.add_argument("--negative-weight", type=float, default=None, help="in [-1e9, 0], default -1e8")
     p.add_argument("--resolution", type=int, help="square output size (multiple of 64)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--mode", choices=["paper-exact", "fast"], default="paper-exact")
+    p.add_argument("--mode", choices=["paper-exact", "fast"], default="paper-exact",
+                   help="paper-exact: SPEC 4's Euler sampler; fast: DPM-Solver++ 2M (docs/speed.md)")
     p.add_argument("--out", default="out.png", help="PNG to write")
     p.add_argument("--save-latents", metavar="FILE.safetensors", help="also write final latents and cond embeddings")
     p.add_argument("--preview", action="store_true", help="also write OUT.preview.png with the layout drawn over it")
@@ -58,6 +62,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    _check_flag_values(args)                 # before torch is even imported: answers in a fraction of a second
     configure_threads(args.threads)
     request, sides = _request(args)          # every flag and user file
     outputs = _outputs(args, request)        # where it writes: checked before any work, nothing written yet
@@ -80,7 +85,7 @@ def run(args) -> int:
     if "latents" in outputs:
         from safetensors.torch import save
 
-        params = result.parameters() | {"model": engine.components.model_id, "backend": engine.default_backend}
+        params = result.parameters()
         tensors = {"latents": result.latents.contiguous(), "cond_embeddings": result.cond_embeddings.contiguous()}
         atomic_write(outputs["latents"], save(tensors, metadata={k: str(v) for k, v in params.items()}))
         written.append(str(outputs["latents"]))
@@ -100,8 +105,39 @@ def _outputs(args, request: GenerationRequest) -> dict[str, Path]:
     return outputs
 
 
+def _flag_settings(args) -> dict:
+    """SamplingConfig fields given as flags."""
+    flags = (("seed", "seed"), ("steps", "steps"), ("guidance_steps", "guidance_steps"),
+             ("guidance_weight", "guidance_weight"), ("cfg", "cfg_scale"), ("negative_weight", "negative_weight"))
+    return {key: getattr(args, flag) for flag, key in flags if getattr(args, flag) is not None}
+
+
+def _sides(args) -> tuple[int | None, int | None]:
+    if args.resolution is not None and (args.height is not None or args.width is not None):
+        raise Cones2Error("give --resolution or --height/--width, not both", "--resolution")
+    return tuple(args.resolution if side is None else side for side in (args.height, args.width))
+
+
+def _check_flag_values(args) -> None:
+    """The flags that need no file, no model and no torch: sampling settings, strengths, output paths.
+    `_request` checks them again with everything else; this only makes a bad value answer fast."""
+    sides = _sides(args)
+    SamplingConfig(height=PLACEHOLDER_SIDE if sides[0] is None else sides[0],
+                   width=PLACEHOLDER_SIDE if sides[1] is None else sides[1], mode=args.mode, **_flag_settings(args))
+    for item in args.strength:
+        name, value = key_value(item, "--strength")
+        limits.number(numbers(value, f"--strength {name}", 1)[0], f"layout.strengths.{name}", limits.STRENGTH)
+    output_file(args.out, "out", (".png",))
+    if args.save_latents:
+        output_file(args.save_latents, "save-latents", (".safetensors",))
+
+
 def _request(args) -> tuple[GenerationRequest, tuple[int | None, int | None]]:
     """The validated request (a placeholder stands in for sides the model decides) and the sides given."""
+    from ..engine import GenerationRequest
+    from ..layout import Layout
+    from ..residual import Residual
+
     prompt, subjects, positions, layout, settings = None, {}, None, None, {}
     if args.config:
         from .reference_config import load_reference_config
@@ -125,13 +161,8 @@ def _request(args) -> tuple[GenerationRequest, tuple[int | None, int | None]]:
                                    units=args.box_units)
     elif args.strength:
         raise Cones2Error("--strength needs --box", "--strength")
-    for flag, key in (("seed", "seed"), ("steps", "steps"), ("guidance_steps", "guidance_steps"),
-                      ("guidance_weight", "guidance_weight"), ("cfg", "cfg_scale"), ("negative_weight", "negative_weight")):
-        if getattr(args, flag) is not None:
-            settings[key] = getattr(args, flag)
-    if args.resolution is not None and (args.height is not None or args.width is not None):
-        raise Cones2Error("give --resolution or --height/--width, not both", "--resolution")
-    sides = tuple(args.resolution if side is None else side for side in (args.height, args.width))
+    settings.update(_flag_settings(args))
+    sides = _sides(args)
     config = SamplingConfig(height=PLACEHOLDER_SIDE if sides[0] is None else sides[0],
                             width=PLACEHOLDER_SIDE if sides[1] is None else sides[1], mode=args.mode, **settings)
     if layout is not None and None not in sides:

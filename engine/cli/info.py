@@ -16,10 +16,11 @@ def run(args) -> int:
     import torch
 
     from .. import __version__
+    from ..backends import backend_names
     from ..engine import Engine
     from ..residual import Residual
-    from ..runners import backend_names
 
+    residuals = {path: Residual.load(path, "--residual") for path in args.residual}   # bad files: before loading
     engine = Engine.from_pretrained(args.model)
     size = engine.default_resolution
     facts = {
@@ -29,8 +30,7 @@ def run(args) -> int:
         "backends": backend_names(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
         "residuals": {},
     }
-    for path in args.residual:
-        r = Residual.load(path, "--residual")
+    for path, r in residuals.items():
         facts["residuals"][path] = {"rows": r.rows, "dim": r.dim, "word": r.word, "token_ids": r.token_ids,
                                     "base_model": r.base_model, "fits_model": r.dim == engine.text_dim, **r.metadata}
     if args.json:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import grpc
 
-from ..errors import Cones2Error
+from ..errors import Cones2Error, quote
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -21,9 +21,10 @@ def read_token_file(path: str | Path) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise Cones2Error(f"cannot read the token file {path}: {exc}", "auth_token_file") from None
+        raise Cones2Error(f"cannot read the token file {quote(str(path))} ({getattr(exc, 'strerror', None) or exc})",
+                          "auth_token_file") from None
     if not token or any(c.isspace() for c in token):
-        raise Cones2Error(f"{path} must hold one non-empty token without whitespace", "auth_token_file")
+        raise Cones2Error(f"{quote(str(path))} must hold one non-empty token without whitespace", "auth_token_file")
     return token
 
 

@@ -120,8 +120,12 @@ class ResidualStore:
         check_id(rid, field)
         with self._lock:
             if rid in self._cache:
-                self._cache.move_to_end(rid)
-                return self._cache[rid]
+                # Another process sharing the folder (a Ray Serve replica) may have deleted it.
+                if self._path(rid).is_file():
+                    self._cache.move_to_end(rid)
+                    return self._cache[rid]
+                del self._cache[rid]
+                self._infos.pop(rid, None)
         try:
             blob = self._path(rid).read_bytes()
         except FileNotFoundError:

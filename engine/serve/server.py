@@ -47,6 +47,8 @@ class ServeOptions:
     tls_cert/tls_key: PEM bytes (both or neither). auth_token: required bearer token, or None.
     metrics_port: serve Prometheus metrics over HTTP on host:port (None = off, 0 = any free port).
     grace_seconds: how long `stop` lets in-flight requests finish (health says NOT_SERVING meanwhile).
+    warmup_resolutions (sides or (height, width)) / warmup_batch_sizes: shapes every worker compiles
+    (`Engine.warmup`) while health says NOT_SERVING; see `Worker` for the defaults.
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +64,8 @@ class ServeOptions:
     auth_token: str | None = None
     metrics_port: int | None = None
     grace_seconds: float = 30.0
+    warmup_resolutions: tuple = ()
+    warmup_batch_sizes: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "workers"):
@@ -84,7 +88,8 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.workers = [Worker(f"cones2-worker-{i}", engine_factory, self.jobs, max_batch=o.max_batch,
-                               on_batch=self.metrics.batch_size.observe)
+                               on_batch=self.metrics.batch_size.observe, warmup_resolutions=o.warmup_resolutions,
+                               warmup_batch_sizes=o.warmup_batch_sizes)
                         for i in range(o.workers)]
         self.engine: Engine | None = None
         self.inflight = InFlight()

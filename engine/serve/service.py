@@ -165,21 +165,8 @@ class Cones2Servicer(pb_grpc.Cones2ServiceServicer):
         return outcome
 
     def _response(self, job: Job, v: ValidatedRequest, gen: Generation) -> pb.GenerateResponse:
-        engine = self.server.engine
-        timings = dict(gen.timings)
-        timings["queue"] = (job.started or job.submitted) - job.submitted
-        resp = pb.GenerateResponse(seed=gen.seed, timings=timings, engine_version=__version__,
-                                   model_id=engine.components.model_id, backend=engine.default_backend,
-                                   batch_size=job.batch_size, width=gen.image.width, height=gen.image.height)
-        if v.output_format == "latents":
-            from safetensors.torch import save
-
-            params = gen.parameters() | {"model": engine.components.model_id, "backend": engine.default_backend}
-            resp.latents = save({"latents": gen.latents.contiguous(), "cond_embeddings": gen.cond_embeddings.contiguous()},
-                                metadata={k: str(val) for k, val in params.items()})
-        else:
-            resp.image = gen.png()
-        return resp
+        return generate_response(gen, v.output_format, batch_size=job.batch_size,
+                                 queue_seconds=(job.started or job.submitted) - job.submitted)
 
     # ---- residuals ----------------------------------------------------------------------------
     @_rpc
@@ -210,6 +197,36 @@ class Cones2Servicer(pb_grpc.Cones2ServiceServicer):
                              max_resolution=o.limits.max_resolution, max_steps=o.limits.max_steps,
                              max_subjects=o.limits.max_subjects, max_batch=o.max_batch, max_queue=o.max_queue,
                              max_residual_bytes=o.limits.max_residual_bytes)
+
+
+def generate_response(gen: Generation, output_format: str, *, batch_size: int,
+                      queue_seconds: float) -> pb.GenerateResponse:
+    """Generation -> GenerateResponse: the PNG, or the latents as safetensors (output_format "latents").
+    Shared by this servicer and the Ray Serve deployment (cones2.serve.ray)."""
+    timings = dict(gen.timings)
+    timings["queue"] = queue_seconds
+    resp = pb.GenerateResponse(seed=gen.seed, timings=timings, engine_version=__version__,
+                               model_id=gen.model_id, backend=gen.backend,
+                               batch_size=batch_size, width=gen.image.width, height=gen.image.height)
+    if output_format == "latents":
+        from safetensors.torch import save
+
+        params = gen.parameters()
+        resp.latents = save({"latents": gen.latents.contiguous(), "cond_embeddings": gen.cond_embeddings.contiguous()},
+                            metadata={k: str(val) for k, val in params.items()})
+    else:
+        resp.image = gen.png()
+    return resp
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and short reply for an exception (the in-process server's mapping), for
+    other front ends of the same service (cones2.serve.ray)."""
+    return _status(exc)
+
+
+def residual_info_pb(info: ResidualInfo) -> pb.ResidualInfo:
+    return _info_pb(info)
 
 
 def _info_pb(info: ResidualInfo) -> pb.ResidualInfo:

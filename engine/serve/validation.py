@@ -16,19 +16,19 @@ from dataclasses import dataclass
 
 from .. import Cones2Error, GenerationRequest, Layout, Residual, SamplingConfig
 from ..errors import quote
+from ..limits import MAX_LAYOUT_COLORS as MAX_COLOR_ENTRIES
+from ..limits import MAX_POSITIONS
 from . import cones2_pb2 as pb
 from .residual_store import ResidualStore
 
 # Shape bounds checked on the raw message, before a copy is made: a 32 MB message must not expand
-# into gigabytes of Python objects. They mirror the engine's own bounds (a prompt has 75 token slots
-# for positions; a colour table has at most 64 entries), which then apply exactly.
-MAX_POSITIONS = 75
-MAX_COLOR_ENTRIES = 64
+# into gigabytes of Python objects. Positions and colour entries use the engine's own bounds
+# (`cones2.limits`); a colour string is the service's own.
 MAX_COLOR_CHARS = 32
 DEFAULT_MAX_LAYOUT_PIXELS = 2048 * 2048
 
 # Colour maps are decoded at most this many at a time, so concurrent requests cannot stack their
-# decoding memory (at most ~15 bytes per pixel each, transiently).
+# decoding memory (a few copies of 3-4 bytes per pixel each, transiently).
 _DECODE_SLOTS = threading.BoundedSemaphore(2)
 
 

@@ -198,14 +198,18 @@ class Worker(threading.Thread):
     """Owns one engine (built in this thread by `engine_factory`), warms it up, then serves batches.
 
     `ready` is set once the engine is warm (or failed: then `error` holds why). `on_batch(n)` is called
-    for every batch run.
+    for every batch run. warmup_resolutions / warmup_batch_sizes: the shapes `Engine.warmup` compiles
+    before `ready` (sides or (height, width); empty: a 64-px smoke generation, or for a compiled
+    engine the model's resolution at batch sizes 1..max_batch).
     """
 
     def __init__(self, name: str, engine_factory: Callable[[], Engine], jobs: JobQueue, *, max_batch: int,
-                 on_batch: Callable[[int], None] | None = None, warmup: bool = True):
+                 on_batch: Callable[[int], None] | None = None, warmup: bool = True,
+                 warmup_resolutions: tuple = (), warmup_batch_sizes: tuple[int, ...] = ()):
         super().__init__(name=name, daemon=True)
         self.engine_factory, self.jobs, self.max_batch = engine_factory, jobs, max_batch
         self.on_batch, self.warmup = on_batch, warmup
+        self.warmup_resolutions, self.warmup_batch_sizes = tuple(warmup_resolutions), tuple(warmup_batch_sizes)
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -220,8 +224,7 @@ class Worker(threading.Thread):
             with _LOAD_LOCK:
                 self.engine = self.engine_factory()
             if self.warmup:
-                self.engine.generate_batch([self.engine.request("warm up", height=64, width=64, steps=1)],
-                                           progress=False)
+                self._warm_up()
         except BaseException as exc:  # noqa: BLE001 (reported through `error`, the thread must end cleanly)
             log.exception("%s: loading the engine failed", self.name)
             self.error = exc
@@ -232,6 +235,15 @@ class Worker(threading.Thread):
             batch = self.jobs.take_batch(self.max_batch, timeout=0.25)
             if batch:
                 self._run(batch)
+
+    def _warm_up(self) -> None:
+        if not self.warmup_resolutions and not self.warmup_batch_sizes and not getattr(self.engine, "compile", False):
+            self.engine.generate_batch([self.engine.request("warm up", height=64, width=64, steps=1)], progress=False)
+            return
+        spent = self.engine.warmup(resolutions=list(self.warmup_resolutions) or None,
+                                   batch_sizes=list(self.warmup_batch_sizes) or list(range(1, self.max_batch + 1)))
+        log.info("%s: warm in %.1fs (%s)", self.name, sum(spent.values()),
+                 ", ".join(f"{h}x{w} batch {b}: {t:.1f}s" for (h, w, b), t in spent.items()))
 
     def _run(self, batch: list[Job]) -> None:
         try:

@@ -1,0 +1,407 @@
+"""cones2.serve.ray for real: a local Ray instance (2 CPUs), two CPU engine replicas of the tiny model
+behind Ray Serve's gRPC proxy on 127.0.0.1, driven by the unchanged `cones2.serve.client.Client`.
+
+Parity with a direct `Engine`, batching through `@serve.batch`, validation statuses, a residual
+registered through one replica used from the other, a replica killed under load of 8 clients (every
+request completes, or fails UNAVAILABLE and succeeds on retry: none lost, none duplicated), and a
+clean shutdown. One Ray instance serves the whole module (starting it takes most of the time).
+"""
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+
+import cones2  # noqa: E402
+from cones2.serve import cones2_pb2 as pb  # noqa: E402
+from cones2.serve.client import Client, build_request  # noqa: E402
+from cones2.serve.ray import (APP_NAME, ENGINE_DEPLOYMENT, REPLICA_METADATA, EngineSpec,  # noqa: E402
+                              RayServeOptions, RayService)
+from serve_support import make_residual  # noqa: E402
+
+SIZE, STEPS = 64, 3
+SERVICE_NAME = "cones2.v1.Cones2Service"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The direct engine runs in this process next to Ray's: one torch thread, or a 2-core machine
+    crawls (cones2.threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    options = RayServeOptions(replicas=2, replica_cpus=1, num_cpus=2, grpc_port=_free_port(), http_port=_free_port(),
+                              residual_store=tmp_path_factory.mktemp("ray-store"), max_batch=4, batch_wait_s=0.05,
+                              grace_seconds=5)
+    svc = RayService(options, EngineSpec(model=str(tiny_model_dir), backend="sdpa")).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with Client(service.grpc_address, timeout=120) as c:
+        c.wait_until_serving(120)
+        yield c
+
+
+def _generate(client: Client, request: pb.GenerateRequest, **kw) -> tuple[pb.GenerateResponse, str]:
+    """The response and the id of the engine replica that answered (trailing metadata)."""
+    resp, call = client.stub.Generate.with_call(request, timeout=120, **kw)
+    return resp, dict(call.trailing_metadata())[REPLICA_METADATA]
+
+
+def _latents(resp: pb.GenerateResponse) -> torch.Tensor:
+    from safetensors.torch import load
+
+    return load(resp.latents)["latents"]
+
+
+def _direct(engine: cones2.Engine, prompt: str, subjects=None, boxes=None, strengths=None, **kw) -> torch.Tensor:
+    layout = cones2.Layout.from_boxes(boxes, strengths or {}) if boxes else None
+    return engine.generate(prompt, subjects or {}, layout, progress=False, **kw).latents
+
+
+# ---- flags and options (no Ray process) ---------------------------------------------------------
+def _serve_args(*flags):
+    from cones2.cli import build_parser
+
+    return build_parser().parse_args(["serve", "--ray", *flags])
+
+
+def test_flags_map_to_options_and_bad_combinations_name_the_flag(tmp_path):
+    from cones2.serve.ray.cli import options_from_args
+
+    args = _serve_args("--address", "auto", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "4",
+                       "--port", "50999", "--residual-store", str(tmp_path), "--max-batch", "8", "--threads", "1")
+    options, spec = options_from_args(args, None)
+    assert (options.address, options.replicas, options.min_replicas, options.max_replicas) == ("auto", 2, 1, 4)
+    assert options.autoscaling and options.grpc_port == 50999 and options.max_batch == 8
+    assert (spec.device, spec.model, spec.threads) == ("cpu", None, 1)
+    for flags, field in [(("--workers", "2"), "workers"), (("--min-replicas", "1"), "min_replicas"),
+                         (("--min-replicas", "2", "--max-replicas", "4", "--replicas", "5"), "replicas"),
+                         (("--replicas", "0"), "replicas"), (("--metrics-port", "9100"), "metrics-port")]:
+        with pytest.raises(cones2.Cones2Error) as err:
+            options_from_args(_serve_args(*flags), None)
+        assert str(err.value).startswith(field), str(err.value)
+
+
+def test_two_stores_on_one_folder_see_each_others_writes_and_deletes(tmp_path):
+    """What two replicas (two processes) sharing --residual-store rely on."""
+    from cones2.serve.residual_store import ResidualStore
+
+    a, b = ResidualStore(tmp_path, 32), ResidualStore(tmp_path, 32)
+    info, created = a.register(make_residual(4).to_safetensors_bytes())
+    assert created and torch.equal(b.get(info.id).embedding, make_residual(4).embedding)   # b cached it now
+    assert [i.id for i in b.list()] == [info.id] and not b.register(make_residual(4).to_safetensors_bytes())[1]
+    assert a.delete(info.id)
+    with pytest.raises(cones2.Cones2Error, match="unknown residual id"):
+        b.get(info.id)                      # not served from b's in-memory copy
+    assert b.list() == [] and not b.delete(info.id)
+
+
+def test_gpu_replicas_take_one_gpu_each():
+    from cones2.serve.ray import build_app
+
+    with pytest.raises(cones2.Cones2Error, match="^device"):
+        build_app(RayServeOptions(), EngineSpec(device="cuda:1"))
+    build_app(RayServeOptions(replicas=2), EngineSpec(device="cuda"))   # builds; placement is Ray's
+
+
+# ---- parity and batching ------------------------------------------------------------------------
+def test_same_latents_as_a_direct_engine(client, tiny_engine):
+    dog = make_residual(3)
+    kw = dict(seed=11, steps=STEPS, guidance_steps=2, guidance_weight=0.3, cfg_scale=5.0, negative_weight=-1e4,
+              width=SIZE, height=SIZE)
+    cases = [("a dog and a mug", {"dog": dog}, {"dog": (0.0, 0.0, 0.5, 1.0)}, {"dog": 3.0}),
+             ("a mug on the beach", None, {"mug": (0.5, 0.2, 1.0, 0.9)}, None),
+             ("a dog", None, None, None)]
+    for prompt, subjects, boxes, strengths in cases:     # one at a time: each runs alone (batch size 1)
+        out = client.generate(prompt, subjects, boxes=boxes, strengths=strengths, output="latents", **kw)
+        want = _direct(tiny_engine, prompt, subjects, boxes, strengths, **kw)
+        assert out.batch_size == 1 and out.seed == 11
+        assert (out.latents - want).abs().max().item() <= 1e-5, (out.latents - want).abs().max().item()
+    png = client.generate("a dog and a mug", {"dog": dog}, boxes=cases[0][2], strengths=cases[0][3], **kw)
+    assert png.png.startswith(b"\x89PNG") and (png.width, png.height) == (SIZE, SIZE)
+
+
+def test_concurrent_compatible_requests_share_a_batch(client, tiny_engine):
+    seeds = list(range(100, 108))
+    out: dict[int, pb.GenerateResponse] = {}
+
+    def send(seed):
+        out[seed], _ = _generate(client, build_request("a dog and a mug", seed=seed, steps=STEPS, width=SIZE,
+                                                       height=SIZE, output="latents"))
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(out) == seeds and all(out[s].seed == s for s in seeds)
+    assert max(r.batch_size for r in out.values()) > 1       # Ray Serve's @serve.batch grouped them
+    diffs = []
+    for s in seeds:   # batched results equal single ones up to float rounding (docs/serve.md)
+        want = _direct(tiny_engine, "a dog and a mug", seed=s, steps=STEPS, width=SIZE, height=SIZE)
+        diffs.append((_latents(out[s]) - want).abs().max().item())
+    assert max(diffs) <= 1e-4, diffs
+    print(f"\nbatch sizes {sorted(r.batch_size for r in out.values())}, max |latents - direct| {max(diffs):.2e}")
+
+
+def test_stream_progress_then_result(client):
+    events = list(client.generate_stream("a dog and a mug", steps=4, width=SIZE, height=SIZE, seed=2,
+                                         boxes={"mug": (0.5, 0.2, 1.0, 0.9)}, preview_every=2))
+    assert [e.step for e in events[:-1]] == [1, 2, 3, 4]
+    assert [bool(e.preview_png) for e in events[:-1]] == [False, True, False, True]
+    assert events[-1].png.startswith(b"\x89PNG") and events[-1].seed == 2
+
+
+def test_deadlines_and_cancelled_streams_free_the_replicas(client):
+    """Long requests (about 30 s each here) whose clients give up stop at once: requests sent
+    right after them are not queued behind them."""
+    long = dict(steps=150, width=256, height=256)
+    codes = []
+
+    def expire(seed):
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("a dog", seed=seed, timeout=1.5, **long)
+        codes.append(err.value.code())
+
+    threads = [threading.Thread(target=expire, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    stream = client.stub.GenerateStream(build_request("a mug", seed=9, **long), timeout=120)
+    assert next(stream).HasField("progress")
+    stream.cancel()
+    for t in threads:
+        t.join()
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+    start = time.monotonic()
+    quick = [client.generate("a mug", steps=2, width=SIZE, height=SIZE, seed=s) for s in range(4)]
+    assert time.monotonic() - start < 10 and max(q.timings["queue"] for q in quick) < 2
+
+
+# ---- statuses, health, reflection ---------------------------------------------------------------
+@pytest.mark.parametrize("settings, field", [
+    (dict(prompt="a dog", steps=0), "steps"),
+    (dict(prompt="a dog", width=100), "width"),
+    (dict(prompt="a dog", subjects={"cat": make_residual(1)}), "subjects.cat"),
+    (dict(prompt="a dog", subjects={"dog": "0" * 64}), "subjects[0].residual_id"),
+    (dict(prompt="a dog", subjects={"dog": make_residual(1, dim=48)}), "subjects[0].residual_safetensors"),
+    (dict(prompt="a dog", boxes={"dog": (0.6, 0.0, 0.5, 1.0)}), "layout"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(client, settings, field):
+    prompt = settings.pop("prompt")
+    subjects = settings.pop("subjects", None)
+    request = build_request(prompt, subjects, width=settings.pop("width", SIZE), height=SIZE, **settings)
+    with pytest.raises(grpc.RpcError) as unary:
+        client.generate_request(request)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT, unary.value.details()
+    assert unary.value.details().startswith(field), unary.value.details()
+    with pytest.raises(grpc.RpcError) as stream:
+        list(client.stub.GenerateStream(request, timeout=60))
+    assert stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stream.value.details() == unary.value.details()
+
+
+def test_health_info_reflection_and_not_found(client):
+    assert client.health() == "SERVING" and client.health(SERVICE_NAME) == "SERVING"
+    info = client.info()
+    assert info.text_dim == 32 and info.max_batch == 4 and info.device == "cpu"
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete_residual("f" * 64)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    services = set(ProtoReflectionDescriptorDatabase(client.channel).get_services())
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
+
+
+def test_undecodable_bytes_are_invalid_argument(client):
+    for method in ("Generate", "GenerateStream"):
+        call = (client.channel.unary_stream if method == "GenerateStream" else client.channel.unary_unary)(
+            f"/{SERVICE_NAME}/{method}")
+        with pytest.raises(grpc.RpcError) as err:
+            answer = call(b"\xff\xff\xff not a message", timeout=30)
+            list(answer) if method == "GenerateStream" else None
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "request: not a valid cones2.v1.GenerateRequest message"
+
+
+def test_http_json_gateway(service, client):
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(method: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{service.options.http_port}/{SERVICE_NAME}/{method}",
+                                     data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = post("Generate", {"prompt": "a dog", "steps": 2, "width": SIZE, "height": SIZE, "seed": 4})
+    want = client.generate("a dog", steps=2, width=SIZE, height=SIZE, seed=4)
+    assert status == 200 and base64.b64decode(body["image"]) == want.png and body["seed"] == "4"
+    assert post("Generate", {"prompt": "a dog", "steps": 0}) == (400, {"code": "INVALID_ARGUMENT",
+                                                                      "message": "steps: must be in [1, 150], got 0"})
+    assert post("GetServerInfo", {})[1]["textDim"] == 32
+    assert post("Nope", {})[0] == 404
+
+
+# ---- the shared residual store ------------------------------------------------------------------
+def _until_other_replica(send, first: str, rounds: int = 10, burst: int = 4):
+    """Call send() -> (result, replica) in concurrent bursts until a replica other than `first`
+    answers. Concurrent calls are what spreads them: Ray's router sends a request to the less busy
+    of two replicas, and sequential calls on an idle service may all land on one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = []
+    with ThreadPoolExecutor(burst) as pool:
+        for _ in range(rounds):
+            for result, replica in pool.map(lambda _: send(), range(burst)):
+                seen.append(replica)
+                if replica != first:
+                    return result, replica
+    raise AssertionError(f"only replica {first} answered in {len(seen)} calls: {seen}")
+
+
+def test_residual_registered_through_one_replica_is_used_by_the_other(client, tiny_engine):
+    star = make_residual(21, word="star")
+    upload = pb.RegisterResidualRequest(safetensors=star.to_safetensors_bytes())
+    resp, call = client.stub.RegisterResidual.with_call(upload, timeout=60)
+    rid, first = resp.residual.id, dict(call.trailing_metadata())[REPLICA_METADATA]
+    assert resp.created
+    kw = dict(seed=5, steps=STEPS, width=SIZE, height=SIZE)
+    request = build_request("a star and a ring", {"star": rid}, boxes={"star": (0.0, 0.0, 0.5, 0.5)}, output="latents",
+                            **kw)
+    resp, other = _until_other_replica(lambda: _generate(client, request), first)
+    want = _direct(tiny_engine, "a star and a ring", {"star": star}, {"star": (0.0, 0.0, 0.5, 0.5)}, **kw)
+    assert other != first and (_latents(resp) - want).abs().max().item() <= 1e-5
+
+    def listed():
+        r, c = client.stub.ListResiduals.with_call(pb.ListResidualsRequest(), timeout=60)
+        return [i.id for i in r.residuals], dict(c.trailing_metadata())[REPLICA_METADATA]
+
+    ids, _ = _until_other_replica(listed, first)
+    assert rid in ids
+    # deleted through one replica: gone on both (neither answers from a stale in-memory copy)
+    _, call = client.stub.DeleteResidual.with_call(pb.DeleteResidualRequest(id=rid), timeout=60)
+    deleted_on = dict(call.trailing_metadata())[REPLICA_METADATA]
+    def refused():
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Generate.with_call(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown residual id" in err.value.details()
+        return None, dict(err.value.trailing_metadata()).get(REPLICA_METADATA)
+
+    _, one = _until_other_replica(refused, "")     # whichever replica answers first...
+    _, two = _until_other_replica(refused, one)    # ...and then the other one: both refuse it
+    assert {one, two} == {first, other} and deleted_on in {first, other}
+
+
+# ---- a replica dies under load ------------------------------------------------------------------
+def _engine_replica_actors() -> list[str]:
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{ENGINE_DEPLOYMENT}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+def _running_engine_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine):
+    clients, per_client, kill_after = 8, 5, 6
+    done: dict[int, list[pb.GenerateResponse]] = collections.defaultdict(list)
+    failures: dict[int, list[grpc.StatusCode]] = collections.defaultdict(list)
+    lock, killed = threading.Lock(), threading.Event()
+
+    def run_client(k: int) -> None:
+        with Client(service.grpc_address, timeout=120) as c:
+            for j in range(per_client):
+                rid = 1000 + 10 * k + j                  # the request id: also its seed
+                request = build_request("a dog and a mug", seed=rid, steps=12, width=SIZE, height=SIZE,
+                                        output="latents")
+                for attempt in range(8):
+                    try:
+                        resp = c.stub.Generate(request, timeout=120, metadata=(("request_id", f"{rid}-{attempt}"),))
+                    except grpc.RpcError as exc:
+                        with lock:
+                            failures[rid].append(exc.code())
+                        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                            break
+                        time.sleep(0.2 * (attempt + 1))
+                        continue
+                    with lock:
+                        done[rid].append(resp)
+                    break
+
+    threads = [threading.Thread(target=run_client, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + 120
+    while sum(map(len, done.values())) < kill_after and time.monotonic() < end:
+        time.sleep(0.05)
+    victims = _engine_replica_actors()
+    assert len(victims) == 2, victims
+    ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)   # mid-flight: both are busy
+    killed.set()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+
+    expected = {1000 + 10 * k + j for k in range(clients) for j in range(per_client)}
+    assert set(done) == expected, f"lost: {sorted(expected - set(done))}"                 # none lost
+    assert all(len(v) == 1 for v in done.values())                                        # none duplicated
+    assert all(r[0].seed == rid for rid, r in done.items())                               # each its own answer
+    codes = [c for v in failures.values() for c in v]
+    assert set(codes) <= {grpc.StatusCode.UNAVAILABLE}, codes                              # retryable only
+    assert codes, "the killed replica had no request in flight"
+    print(f"\nkill: {len(done)} requests answered once each; {len(codes)} UNAVAILABLE answers on "
+          f"{len(failures)} requests, all retried successfully")
+    for rid in sorted(failures)[:2]:   # a retried request's answer is the right image
+        want = _direct(tiny_engine, "a dog and a mug", seed=rid, steps=12, width=SIZE, height=SIZE)
+        assert (_latents(done[rid][0]) - want).abs().max().item() <= 1e-4
+    # Ray Serve replaces the replica; the service keeps answering meanwhile and after
+    end = time.monotonic() + 180
+    while _running_engine_replicas() < 2 and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _running_engine_replicas() == 2 and victims[0] not in _engine_replica_actors()
+    assert client.generate("a dog", steps=2, width=SIZE, height=SIZE, seed=1).seed == 1
+
+
+# ---- shutdown -----------------------------------------------------------------------------------
+def test_shutdown_is_clean(service):
+    port = service.options.grpc_port
+    service.stop()
+    assert not ray.is_initialized()
+    with Client(f"127.0.0.1:{port}", timeout=2) as c, pytest.raises(grpc.RpcError) as err:
+        c.info()
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -91,14 +91,16 @@ def parent(args) -> int:
         "eager_process_wall_s_median": med("eager", "process_wall_s"),
         "compiled_process_wall_s_cold_cache": compiled_cold["process_wall_s"],
         "compiled_first_generation_s_cold_cache": compiled_cold["first_generation_s"],
-        "compiled_process_wall_s_warm_cache_median": statistics.median(r["process_wall_s"] for r in warm) if warm else None,
+        "compiled_process_wall_s_warm_cache_median":
+            statistics.median(r["process_wall_s"] for r in warm) if warm else None,
         "compiled_first_generation_s_warm_cache_median":
             statistics.median(r["first_generation_s"] for r in warm) if warm else None,
         "max_abs_latent_diff_vs_paper_exact": max(r["max_abs_latent_diff_vs_paper_exact"] for r in runs),
         "latent_scale": exact.abs().max().item(),
     }
     out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "case": {
-        "model": args.model or "tiny random SD-2-shaped (cones2.default_model.tiny_model_dir)", "resolution": args.resolution,
+        "model": args.model or "tiny random SD-2-shaped (cones2.default_model.tiny_model_dir)",
+        "resolution": args.resolution,
         "steps": args.steps, "guided_steps": args.steps, "subjects": 2, "backend": args.backend, "mode": args.mode,
         "torch": torch.__version__, "cpu_cores": os.cpu_count(), "load_average_at_end": os.getloadavg()},
         "runs": runs, "summary": summary}

@@ -92,15 +92,22 @@ step numerics 150 "$PY" bench/kernel_numerics.py --require triton,cuda --out "$O
 step pytest-gpu 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/test_kernel_cuda.py tests/test_kernel_triton.py --junitxml "$OUT/pytest-gpu.xml"
 
+# The xformers backend, where a wheel for this machine's torch was carried (its wheels pin one torch build).
+if compgen -G ".whl/xformers-*.whl" > /dev/null; then
+  step pytest-xformers 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_xformers_backend.py \
+    --junitxml "$OUT/pytest-xformers.xml"
+else
+  log "pytest-xformers: not run (no .whl/xformers-*.whl carried)"
+fi
+
 if CONFIG="$(sd21_config)"; then
   step latency-paper-exact 300 "$PY" bench/latency.py --shape sd21 --sd21-config "$CONFIG" --dtype fp16 \
     --steps 50 --subjects 2 --warmup 1 --repeat 1 --no-progress --json "$OUT/latency_paper_exact.json"
-  # TODO(lead): enable once bench/latency.py has --mode fast (issue 11 item 3); budget ~60 s.
-  # step latency-fast 120 "$PY" bench/latency.py --shape sd21 --sd21-config "$CONFIG" --dtype fp16 --mode fast \
-  #   --subjects 2 --warmup 1 --repeat 1 --no-progress --json "$OUT/latency_fast.json"
-  # TODO(lead): enable once bench/latency.py has --compile (issue 11 item 2); budget ~90 s.
-  # step latency-fast-compiled 150 "$PY" bench/latency.py --shape sd21 --sd21-config "$CONFIG" --dtype fp16 \
-  #   --mode fast --compile --subjects 2 --warmup 1 --repeat 1 --no-progress --json "$OUT/latency_fast_compiled.json"
+  step latency-fast 120 "$PY" bench/latency.py --shape sd21 --sd21-config "$CONFIG" --dtype fp16 --mode fast \
+    --subjects 2 --backends torch --no-attention --warmup 1 --repeat 3 --no-progress --json "$OUT/latency_fast.json"
+  step latency-fast-compiled 180 "$PY" bench/latency.py --shape sd21 --sd21-config "$CONFIG" --dtype fp16 \
+    --mode fast --compile --subjects 2 --backends torch --no-attention --warmup 1 --repeat 3 --no-progress \
+    --json "$OUT/latency_fast_compiled.json"
 else
   log "latency: FAILED: no SD 2.1 config folder (set SD21_CONFIG)"
   FAILED+=(latency-paper-exact)

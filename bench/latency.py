@@ -48,9 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
-    p.add_argument("--guidance-steps", type=int, default=None, help="guided steps G (default: all)")
-    p.add_argument("--mode", choices=("paper-exact", "fast"), default="paper-exact", help="sampling mode")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the mode's, 50 paper-exact, 20 fast)")
+    p.add_argument("--guidance-steps", type=int, default=None,
+                   help="guided steps G (default: the mode's, all paper-exact, the first 60%% fast)")
+    p.add_argument("--mode", choices=("paper-exact", "fast"), default="paper-exact",
+                   help="sampling mode (fast: DPM-Solver++ 2M, docs/speed.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for the attention backends (CUDA graphs on CUDA); compilation "
+                        "happens in the --warmup runs, paper-style stays eager")
+    p.add_argument("--no-official-fp32", action="store_true",
+                   help="skip the reference implementation's own path (paper style with fp32 weights) that "
+                        "runs next to the others when --dtype is not fp32")
     p.add_argument("--subjects", type=int, default=2, help="subjects in the layout (default: 2)")
     p.add_argument("--backends", default=None,
                    help="comma list of backends, or `torch` for the default one (default: every attention backend "
@@ -91,12 +100,18 @@ def resolve_backends(text: str | None, device: torch.device, onnx: str | None) -
 def load_engine(args, device: torch.device, dtype: torch.dtype) -> tuple[Engine, str]:
     if args.shape == "sd21":
         print(f"building a randomly initialised SD 2.1 from {args.sd21_config} ...", file=sys.stderr)
-        return Engine(random_components(args.sd21_config, device, dtype), device, dtype), "SD 2.1 shapes (random init)"
-    return Engine.from_pretrained(args.model, device=device, dtype=dtype), args.model or "embedded model"
+        return (Engine(random_components(args.sd21_config, device, dtype), device, dtype, compile=args.compile),
+                "SD 2.1 shapes (random init)")
+    return (Engine.from_pretrained(args.model, device=device, dtype=dtype, compile=args.compile),
+            args.model or "embedded model")
 
 
 def run(args) -> int:
     configure_threads(args.threads)
+    if args.steps is None:
+        from cones2.modes import MODES
+
+        args.steps = MODES[args.mode].default_steps
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
     for flag, low in (("steps", 1), ("warmup", 0), ("repeat", 1)):
@@ -118,7 +133,7 @@ def run(args) -> int:
     G = work.request(engine).config.guidance_steps
     results = {"meta": {"model": model, "device": str(device), "device_name": device_name(device),
                         "dtype": str(dtype).replace("torch.", ""), "resolution": resolution, "steps": args.steps,
-                        "guidance_steps": G, "mode": args.mode, "subjects": args.subjects, "backends": backends,
+                        "guidance_steps": G, "mode": args.mode, "compile": args.compile, "subjects": args.subjects, "backends": backends,
                         "warmup": args.warmup, "repeat": args.repeat, "torch": torch.__version__,
                         "command": " ".join(["python bench/latency.py"] + sys.argv[1:])},
                "skipped": skipped}
@@ -131,7 +146,11 @@ def run(args) -> int:
             micro += _cuda_twin(skipped)
         results["attention"] = run_attention_benchmark(micro, device, dtype, args.warmup, args.repeat,
                                                        progress=not args.no_progress)
-    results["end_to_end"] = end_to_end(engine, work, backends, args.warmup, args.repeat, not args.no_progress)
+    official = None
+    if dtype != torch.float32 and not args.no_official_fp32:   # the same weights, as the official code runs them
+        official = load_engine(argparse.Namespace(**{**vars(args), "compile": False}), device, torch.float32)[0]
+    results["end_to_end"] = end_to_end(engine, work, backends, args.warmup, args.repeat, not args.no_progress,
+                                       official_fp32=official)
     report(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

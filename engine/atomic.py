@@ -61,11 +61,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_directory(folder: Path) -> None:
+    """Make a folder's entry list durable (a rename or a deletion in it reaches the disk)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

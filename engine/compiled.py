@@ -21,6 +21,9 @@ from .backends import attention_backend
 TRACEABLE = frozenset({"reference", "sdpa"})
 # Graphs one compiled function may hold: (batch sizes x resolutions) a service warms up, per engine.
 GRAPHS_PER_FUNCTION = 256
+# The torch.compile backend. Tests that only count graphs use "aot_eager" (same tracing and guards,
+# no code generation) to stay short; see tests/test_compiled_runner.py.
+COMPILER = "inductor"
 
 
 @torch.library.custom_op("cones2::plain_attention", mutates_args=())
@@ -85,24 +88,28 @@ class CompiledUNetRunner:
     mode: torch.compile mode (default "reduce-overhead" on CUDA = inductor + CUDA graphs, "default"
     elsewhere). channels_last: convert the UNet's weights to channels_last (default: on CUDA; the
     module is shared with the engine's eager runners, which compute the same math in that layout).
+    compiler: the torch.compile backend (default `COMPILER`, inductor; `mode` applies to inductor only).
     """
 
     def __init__(self, unet, attention_backend_name: str, device: torch.device | str, *, mode: str | None = None,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, compiler: str | None = None):
         self.unet = unet
         self.name = attention_backend_name
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.backend = (attention_backend(attention_backend_name) if attention_backend_name in TRACEABLE
                         else OpaqueBackend(attention_backend_name))
-        self.mode = mode or ("reduce-overhead" if cuda else "default")
+        self.compiler = compiler or COMPILER
+        inductor = self.compiler == "inductor"
+        self.mode = (mode or ("reduce-overhead" if cuda else "default")) if inductor else None
         self.cudagraphs = cuda and self.mode in ("reduce-overhead", "max-autotune")
         self.channels_last = cuda if channels_last is None else channels_last
         if self.channels_last:
             unet.to(memory_format=torch.channels_last)
         _allow_graphs_per_shape()
-        self._plain = torch.compile(self._plain_call, mode=self.mode, dynamic=False, fullgraph=True)
-        self._guided = torch.compile(self._guided_call, mode=self.mode, dynamic=False, fullgraph=True)
+        compile_ = dict(backend=self.compiler, mode=self.mode, dynamic=False, fullgraph=True)
+        self._plain = torch.compile(self._plain_call, **compile_)
+        self._guided = torch.compile(self._guided_call, **compile_)
 
     def _plain_call(self, sample, timestep, embeddings):
         context = AttentionContext(self.backend, None)

@@ -254,9 +254,10 @@ class Engine:
         return list(tokens.values())
 
     def generate(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
-                 seed: int = 0, steps: int | None = None, guidance_steps: int | None = None, guidance_weight: float = 0.08,
-                 cfg_scale: float = 7.5, negative_weight: float = -1e8, height: int | None = None,
-                 width: int | None = None, mode: str = "paper-exact", backend: str | None = None,
+                 seed: int = 0, steps: int | None = None, guidance_steps: int | None = None,
+                 guidance_weight: float = 0.08, cfg_scale: float = 7.5, negative_weight: float = -1e8,
+                 height: int | None = None, width: int | None = None, mode: str = "paper-exact",
+                 backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
@@ -293,8 +294,9 @@ class Engine:
             prepared = [self._prepare(r, runner) for r in requests]
         with clock("schedule"):
             sched = self.components.scheduler_config
-            schedule = make_schedule(c0.mode, c0.steps, sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
-                                     sched.get("beta_schedule", "scaled_linear"), sched.get("num_train_timesteps", 1000))
+            schedule = make_schedule(c0.mode, c0.steps, sched.get("beta_start", 0.00085),
+                                     sched.get("beta_end", 0.012), sched.get("beta_schedule", "scaled_linear"),
+                                     sched.get("num_train_timesteps", 1000))
             log_terms = guidance_log_terms(c0.guidance_steps)
             inputs = self._batch_inputs(requests, prepared)
         with clock("sampling"):

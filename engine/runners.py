@@ -34,7 +34,8 @@ class TorchUNetRunner:
 
 def make_runner(name: str, engine, *, compile: bool = False, **options):
     """Build the runner for backend `name` on `engine` (options go to UNet runners, e.g. onnx_dir).
-    compile: run the PyTorch UNet through torch.compile (`cones2.compiled`; attention backends only)."""
+    compile: run the PyTorch UNet through torch.compile (`cones2.compiled`). It applies to attention
+    backends; UNet runners run their own graphs and ignore it (the CLI refuses the combination)."""
     spec = get_spec(name)
     if spec.kind == ATTENTION:
         if options:
@@ -45,9 +46,6 @@ def make_runner(name: str, engine, *, compile: bool = False, **options):
 
             return CompiledUNetRunner(engine.unet, name, engine.device)
         return TorchUNetRunner(engine.unet, name)
-    if compile:
-        raise Cones2Error(f"{name!r} is a {spec.kind} that runs its own compiled graphs; compile applies to the "
-                          "PyTorch UNet's attention backends", "compile")
     missing = [k for k in spec.needs if options.get(k) is None]
     if missing:
         raise Cones2Error(f"backend {name!r} needs {', '.join(missing)}", "backend_options")

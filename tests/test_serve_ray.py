@@ -91,11 +91,12 @@ def _serve_args(*flags):
 
 
 def test_flags_map_to_options_and_bad_combinations_name_the_flag(tmp_path):
+    from cones2.cli.serve import limits_from_args
     from cones2.serve.ray.cli import options_from_args
 
     args = _serve_args("--address", "auto", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "4",
                        "--port", "50999", "--residual-store", str(tmp_path), "--max-batch", "8", "--threads", "1")
-    options, spec = options_from_args(args, None)
+    options, spec = options_from_args(args, limits_from_args(args), None)
     assert (options.address, options.replicas, options.min_replicas, options.max_replicas) == ("auto", 2, 1, 4)
     assert options.autoscaling and options.grpc_port == 50999 and options.max_batch == 8
     assert (spec.device, spec.model, spec.threads) == ("cpu", None, 1)
@@ -103,7 +104,8 @@ def test_flags_map_to_options_and_bad_combinations_name_the_flag(tmp_path):
                          (("--min-replicas", "2", "--max-replicas", "4", "--replicas", "5"), "replicas"),
                          (("--replicas", "0"), "replicas"), (("--metrics-port", "9100"), "metrics-port")]:
         with pytest.raises(cones2.Cones2Error) as err:
-            options_from_args(_serve_args(*flags), None)
+            args = _serve_args(*flags)
+            options_from_args(args, limits_from_args(args), None)
         assert str(err.value).startswith(field), str(err.value)
 
 

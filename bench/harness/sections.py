@@ -16,6 +16,7 @@ from .timing import PeakMemory, measure
 from .workload import PAPER_STYLE, unet_calls
 
 SD_FIRST_SIGMA = 14.6  # SD's largest training sigma: the coefficient of the first guided step
+OFFICIAL_FP32 = "paper-style fp32"  # the reference implementation as it ships: paper style, fp32 weights
 
 
 def stage_times(engine, work, backends: list[str], warmup: int, repeat: int) -> list[dict]:
@@ -57,10 +58,12 @@ def stage_times(engine, work, backends: list[str], warmup: int, repeat: int) -> 
     return rows
 
 
-def end_to_end(engine, work, backends: list[str], warmup: int, repeat: int, progress: bool = True) -> list[dict]:
+def end_to_end(engine, work, backends: list[str], warmup: int, repeat: int, progress: bool = True,
+               official_fp32=None) -> list[dict]:
     """Whole generations per backend, guided and unguided with the same UNet calls, and the paper
-    style. Runs are interleaved (one of each job per round) so slow drift on a shared machine hits
-    every job alike; each job reports its fastest round."""
+    style; with `official_fp32` (the same model in fp32) also the paper style as the official code
+    runs it, in fp32. Runs are interleaved (one of each job per round) so slow drift on a shared
+    machine hits every job alike; each job reports its fastest round."""
     G = work.request(engine).config.guidance_steps
     S = work.settings["steps"]
     jobs = [(b, True) for b in backends] + [(b, False) for b in backends] + [(PAPER_STYLE, True)]
@@ -68,6 +71,11 @@ def end_to_end(engine, work, backends: list[str], warmup: int, repeat: int, prog
     for name, guided in jobs:
         req = work.request(engine, guided)
         runs[name, guided] = lambda req=req, name=name: engine.generate_batch([req], backend=name, progress=False)
+    if official_fp32 is not None:
+        job = (OFFICIAL_FP32, True)
+        jobs.append(job)
+        req32 = work.request(official_fp32)
+        runs[job] = lambda: official_fp32.generate_batch([req32], backend=PAPER_STYLE, progress=False)
     times = {job: [] for job in jobs}
     rounds = [None] * warmup + list(range(repeat))
     for r in tqdm(rounds, desc="end-to-end rounds", disable=not progress, leave=False):
@@ -80,13 +88,16 @@ def end_to_end(engine, work, backends: list[str], warmup: int, repeat: int, prog
         with PeakMemory(engine.device) as mem:
             runs[name, guided]()
         ts = times[name, guided]
+        unbatched = name in (PAPER_STYLE, OFFICIAL_FP32)
         rows.append({"backend": name, "guided": guided, "min_ms": min(ts), "median_ms": statistics.median(ts),
-                     "runs": len(ts), "unet_calls": unet_calls(S, G) * (2 if name == PAPER_STYLE else 1),
-                     "unet_batch": 1 if name == PAPER_STYLE else 2, "peak_bytes": mem.peak})
+                     "runs": len(ts), "unet_calls": unet_calls(S, G) * (2 if unbatched else 1),
+                     "unet_batch": 1 if unbatched else 2, "peak_bytes": mem.peak})
     paper = next(r["min_ms"] for r in rows if r["backend"] == PAPER_STYLE)
+    official = next((r["min_ms"] for r in rows if r["backend"] == OFFICIAL_FP32), None)
     unguided = {r["backend"]: r["min_ms"] for r in rows if not r["guided"]}
     for r in rows:
         r["speedup_vs_paper_style"] = paper / r["min_ms"]
+        r["speedup_vs_official_fp32"] = official / r["min_ms"] if official is not None else None
         r["guided_over_unguided"] = r["min_ms"] / unguided[r["backend"]] if r["guided"] and r["backend"] in unguided \
             else None
     return rows

@@ -72,24 +72,19 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..serve.auth import read_token_file
     from ..serve.server import ServeOptions, Server
-    from ..serve.validation import Limits
 
     if args.ray:   # engine replicas on a Ray cluster (cones2.serve.ray); CUDA is checked on the replicas
         from ..serve.ray.cli import run as run_ray
 
-        return run_ray(args, check_model_flags(args) if args.device == "cpu" else None)
+        return run_ray(args, limits_from_args(args), check_model_flags(args) if args.device == "cpu" else None)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Cones2Error("give both --tls-cert and --tls-key, or neither", "tls-cert")
     threads = configure_threads(args.threads)
-    layout_limits = {k: getattr(args, k) for k in ("max_layout_pixels", "max_layout_png_bytes")
-                     if getattr(args, k) is not None}
     checked = check_model_flags(args)              # a bad device/dtype/backend answers before loading
     options = ServeOptions(
         host=args.host, port=args.port, residual_store=args.residual_store, max_queue=args.max_queue,
-        max_batch=args.max_batch, workers=args.workers,
-        limits=Limits(max_subjects=args.max_subjects, max_resolution=args.max_resolution, max_steps=args.max_steps,
-                      max_residual_bytes=args.max_residual_bytes, **layout_limits),
+        max_batch=args.max_batch, workers=args.workers, limits=limits_from_args(args),
         max_message_bytes=args.max_message_bytes,
         tls_cert=_read(args.tls_cert, "tls-cert"), tls_key=_read(args.tls_key, "tls-key"),
         auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
@@ -117,6 +112,15 @@ def run(args) -> int:
     print(f"cones2-engine serve: stopping (grace {args.grace:g}s)", file=sys.stderr, flush=True)
     server.stop()
     return 0
+
+
+def limits_from_args(args):
+    """The per-request `Limits` of the serve flags (the in-process server and Ray Serve alike)."""
+    from ..serve.validation import Limits
+
+    layout = {k: getattr(args, k) for k in ("max_layout_pixels", "max_layout_png_bytes") if getattr(args, k) is not None}
+    return Limits(max_subjects=args.max_subjects, max_resolution=args.max_resolution, max_steps=args.max_steps,
+                  max_residual_bytes=args.max_residual_bytes, **layout)
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import Cones2Error, Residual
-from ..atomic import atomic_write
+from ..atomic import atomic_write, fsync_directory
 from ..errors import quote
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class ResidualStore:
                 self._path(rid).unlink()
             except FileNotFoundError:
                 return False
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
         return True
 
     # ---- internals ----------------------------------------------------------------------------
@@ -195,17 +195,3 @@ class ResidualStore:
                     tmp.unlink()
             except OSError:
                 pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a deletion durable (the folder's entry list reaches the disk)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -24,14 +24,10 @@ _UNSUPPORTED = (("workers", 1, "use --replicas (one replica per GPU)"),
                 ("metrics_port", None, "Ray exports Ray Serve's metrics itself (docs/serve.md)"))
 
 
-def options_from_args(args, checked: dict | None) -> tuple[RayServeOptions, EngineSpec]:
+def options_from_args(args, limits: Limits, checked: dict | None) -> tuple[RayServeOptions, EngineSpec]:
     for name, default, hint in _UNSUPPORTED:
         if getattr(args, name, default) != default:
             raise Cones2Error(f"not available with --ray: {hint}", name.replace("_", "-"))
-    layout = {k: getattr(args, k) for k in ("max_layout_pixels", "max_layout_png_bytes")
-              if getattr(args, k, None) is not None}
-    limits = Limits(max_subjects=args.max_subjects, max_resolution=args.max_resolution, max_steps=args.max_steps,
-                    max_residual_bytes=args.max_residual_bytes, **layout)
     options = RayServeOptions(
         replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         replica_cpus=args.replica_cpus, residual_store=args.residual_store, limits=limits, max_batch=args.max_batch,
@@ -73,9 +69,9 @@ def _numbers(text: str | None) -> tuple[int, ...]:
     return values
 
 
-def run(args, checked: dict | None = None) -> int:
+def run(args, limits: Limits, checked: dict | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options, spec = options_from_args(args, checked)
+    options, spec = options_from_args(args, limits, checked)
     if options.grpc_port == 0:
         raise Cones2Error("give a port: Ray Serve's gRPC proxy listens on one fixed port on every node", "port")
     stop, serving = threading.Event(), threading.Event()

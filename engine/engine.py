@@ -232,9 +232,17 @@ class Engine:
         """Validate `request` against this model: residual widths, every subject and layout word in
         the prompt (within its 77 tokens), residual rows against the word's tokens, every layout
         region still visible at the request's size. Raises `Cones2Error` naming the field; returns
-        each subject's token positions. `generate` calls it; a service calls it before queueing."""
+        each subject's token positions. `generate` makes the same checks; a service calls this before
+        queueing, so a bad request never joins a batch."""
         if not isinstance(request, GenerationRequest):
             raise Cones2Error(f"must be a GenerationRequest, got {type(request).__name__}", "request")
+        tokens = self._locate_subjects(request)
+        if request.layout is not None:
+            request.layout.masks(request.config.height, request.config.width)  # a vanished region is an error
+        return list(tokens.values())
+
+    def _locate_subjects(self, request: GenerationRequest) -> dict[str, SubjectTokens]:
+        """Each subject's and layout word's token positions, with the residual checks of `check`."""
         with self._tokenizer_lock:
             ids = prompt_token_ids(self.tokenizer, request.prompt)
             explicit = request.subject_positions or {}
@@ -249,9 +257,7 @@ class Engine:
             for name in request.layout.names if request.layout else ():
                 if name not in tokens:
                     tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout", prompt=request.prompt)
-        if request.layout is not None:
-            request.layout.masks(request.config.height, request.config.width)  # a vanished region is an error
-        return list(tokens.values())
+        return tokens
 
     def generate(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
                  seed: int = 0, steps: int | None = None, guidance_steps: int | None = None,
@@ -343,7 +349,7 @@ class Engine:
 
     def _prepare(self, req: GenerationRequest, runner) -> _Prepared:
         """Embeddings with residuals composed in, and the per-level weight maps, for one request."""
-        tokens = {t.name: t for t in self.check(req)}
+        tokens = self._locate_subjects(req)   # `check` without the region raster: weight_maps does that
         with self._tokenizer_lock:
             cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, ""],
                                           getattr(runner, "encode_ids", None))

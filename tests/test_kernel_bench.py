@@ -14,17 +14,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-CI = os.environ.get("CI", "").lower() == "true"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ci_support import import_or_skip  # noqa: E402
 
 
 def _require_triton() -> None:
-    """Skip without Triton, except with CI=true, where a missing Triton is a failure."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        if CI:
-            raise
-        pytest.skip(f"triton is not installed ({exc})")
+    import_or_skip("triton", "triton is not installed")
 
 
 IMPLS = {"sdpa plain (baseline)", "reference guided (fp32 scores)", "sdpa guided (bias mask)",

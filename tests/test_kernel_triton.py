@@ -13,12 +13,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec_reference as ref  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip(f"triton is not installed ({exc})", allow_module_level=True)
+from ci_support import import_or_skip  # noqa: E402
+
+import_or_skip("triton", "triton is not installed")
 from cones2.kernels import KernelArgumentError, logit_std, rectified_cross_attention  # noqa: E402
 from cones2.kernels import triton_rectified, tuning  # noqa: E402
 

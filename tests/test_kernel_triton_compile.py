@@ -16,13 +16,11 @@ import textwrap
 
 import pytest
 
-CI = os.environ.get("CI", "").lower() == "true"
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    if CI:
-        raise
-    pytest.skip(f"triton is not installed ({exc})", allow_module_level=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ci_support import import_or_skip, in_ci  # noqa: E402
+
+import_or_skip("triton", "triton is not installed")
+CI = in_ci()
 
 SCRIPT = textwrap.dedent("""
     import sys

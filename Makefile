@@ -14,14 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# Three-subject, layout-guided generation on the embedded demo model, with a trained residual
-# (the striped star) -> out/demo.png + out/demo.preview.png (layout drawn over the image).
-DEMO_RESIDUAL := engine/data/demo_model/residuals/striped_star.safetensors
+# Three subjects, layout-guided, on the embedded demo model: two trained residuals (a two-tone red|green
+# heart, a two-tone purple|yellow triangle) composed with a plain blue star, each in its box
+# -> out/demo.png + out/demo.preview.png (the layout drawn over the image). docs/demo_model.md.
+DEMO_RESIDUALS := engine/data/demo_model/residuals
 demo: setup
-	$(CLI) generate --prompt "a star and a blue ring and a green heart on a sand background" \
-		--subject star=$(DEMO_RESIDUAL) \
-		--box star=0.05,0.05,0.45,0.45 --box ring=0.55,0.5,0.95,0.9 --box heart=0.05,0.55,0.45,0.95 \
-		--steps 30 --seed 0 --out out/demo.png --preview --no-progress
+	$(CLI) generate --prompt "a heart, a triangle and a blue star on a sand background" \
+		--subject heart=$(DEMO_RESIDUALS)/twotone_heart.safetensors \
+		--subject triangle=$(DEMO_RESIDUALS)/twotone_triangle.safetensors \
+		--box heart=0.05,0.05,0.45,0.45 --box star=0.55,0.05,0.95,0.45 --box triangle=0.3,0.55,0.7,0.95 \
+		--steps 30 --guidance-steps 15 --seed 0 --out out/demo.png --preview --no-progress
 
 # The CI suite (CPU; Triton kernels run under the interpreter).
 test: setup

@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""Eager vs compiled (`torch.compile`, inductor) UNet on the CPU, whole processes alternated.
+"""CPU backends in whole processes, alternated: eager `sdpa` (the CPU default before issue 11),
+compiled `sdpa` (`torch.compile`, inductor) and the engine's own default (`onnxruntime` on an
+export cached per model, when the export extra is installed).
 
 The case of issue 11's CPU target: the tiny SD-2-shaped model (v-prediction, random weights) at
-768 px, 8 steps, every step guided (so 16 UNet calls of batch 2), 2 subjects, the `sdpa` attention
-backend, paper-exact mode. Each child process loads the engine, generates twice with the same
-request and reports load time, the first generation (which, compiled, includes compilation) and the
-second (steady state), plus its latents. Processes alternate eager / compiled, starting side swapped
-every round; the first compiled process finds an empty inductor cache (a fresh
-TORCHINDUCTOR_CACHE_DIR for the whole run), the later ones a warm one, as a second CLI run would.
-Latents of every process are compared with the first eager process (paper-exact, sdpa, eager).
+768 px, 8 steps, every step guided (so 16 UNet calls of batch 2), 2 subjects, paper-exact mode.
+Each child process loads the engine, generates twice with the same request and reports load time,
+the first generation (which, compiled, includes compilation) and the second (steady state), plus
+its latents. Processes take the variants in turn, the order rotated every round. The run starts
+with an empty inductor cache and an empty export cache (TORCHINDUCTOR_CACHE_DIR, CONES2_CACHE), so
+the first compiled and the first default process pay compilation / export, the later ones find
+them, as a second CLI run would. Latents of every process are compared with the first eager one.
 
     python bench/compile_cpu.py --rounds 3 --json bench/results/compile_cpu.json
+    python bench/compile_cpu.py --variants eager,default --rounds 3 --json bench/results/cpu_default.json
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+VARIANTS = ("eager", "compiled", "default")
 PROMPT = "a dog and a mug on the beach"
 BOXES = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
 
@@ -37,7 +41,8 @@ def child(args) -> int:
     from cones2.threads import configure_threads
 
     threads = configure_threads(args.threads)
-    engine = cones2.Engine.from_pretrained(args.model or tiny_model_dir(), backend=args.backend,
+    backend = None if args.variant == "default" else args.backend
+    engine = cones2.Engine.from_pretrained(args.model or tiny_model_dir(), backend=backend,
                                            compile=args.variant == "compiled")
     loaded = time.perf_counter()
     layout = cones2.Layout.from_boxes(BOXES)
@@ -48,7 +53,8 @@ def child(args) -> int:
         result = engine.generate(PROMPT, None, layout, **kw)
         runs.append({"seconds": time.perf_counter() - start, "timings": result.timings})
     torch.save(result.latents, args.latents)
-    json.dump({"variant": args.variant, "threads": threads, "import_and_load_s": loaded - t0,
+    json.dump({"variant": args.variant, "backend": engine.default_backend, "threads": threads,
+               "import_and_load_s": loaded - t0,
                "first_generation_s": runs[0]["seconds"], "second_generation_s": runs[1]["seconds"],
                "second_sampling_s": runs[1]["timings"]["sampling"], "process_work_s": time.perf_counter() - t0},
               open(args.report, "w"))
@@ -58,14 +64,22 @@ def child(args) -> int:
 def parent(args) -> int:
     import torch
 
-    work = Path(tempfile.mkdtemp(prefix="cones2-compile-bench-"))
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"))
+    work = Path(tempfile.mkdtemp(prefix="cones2-cpu-processes-"))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"), CONES2_CACHE=str(work / "cache"))
+    env.pop("CONES2_BACKEND", None)      # `default` must see the engine's own choice
+    if args.model is None:               # built in the user's cache, before the run's own empty one
+        from cones2.default_model import tiny_model_dir
+
+        args.model = str(tiny_model_dir())
+    variants = args.variants.split(",")
+    if variants[0] != "eager" or len(set(variants)) != len(variants) or not set(variants) <= set(VARIANTS):
+        raise SystemExit(f"--variants: distinct names from {', '.join(VARIANTS)}, eager first (the yardstick)")
     common = ["--steps", str(args.steps), "--resolution", str(args.resolution), "--backend", args.backend,
               "--mode", args.mode] + (["--threads", str(args.threads)] if args.threads else []) + \
              (["--model", args.model] if args.model else [])
     runs = []
     for r in range(args.rounds):
-        order = ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for variant in order:
             report, latents = work / f"{r}-{variant}.json", work / f"{r}-{variant}.pt"
             start = time.perf_counter()
@@ -80,24 +94,27 @@ def parent(args) -> int:
     for row in runs:
         row["max_abs_latent_diff_vs_paper_exact"] = (torch.load(row.pop("latents")) - exact).abs().max().item()
 
-    def med(variant, key):
-        return statistics.median(r[key] for r in runs if r["variant"] == variant)
+    def med(variant, key, rows=runs):
+        values = [r[key] for r in rows if r["variant"] == variant]
+        return statistics.median(values) if values else None
 
-    compiled_cold = next(r for r in runs if r["variant"] == "compiled")
-    warm = [r for r in runs if r["variant"] == "compiled" and r is not compiled_cold]
-    summary = {
-        "steady_generation_s": {v: med(v, "second_generation_s") for v in ("eager", "compiled")},
-        "speedup_steady_generation": med("eager", "second_generation_s") / med("compiled", "second_generation_s"),
-        "eager_process_wall_s_median": med("eager", "process_wall_s"),
-        "compiled_process_wall_s_cold_cache": compiled_cold["process_wall_s"],
-        "compiled_first_generation_s_cold_cache": compiled_cold["first_generation_s"],
-        "compiled_process_wall_s_warm_cache_median":
-            statistics.median(r["process_wall_s"] for r in warm) if warm else None,
-        "compiled_first_generation_s_warm_cache_median":
-            statistics.median(r["first_generation_s"] for r in warm) if warm else None,
-        "max_abs_latent_diff_vs_paper_exact": max(r["max_abs_latent_diff_vs_paper_exact"] for r in runs),
-        "latent_scale": exact.abs().max().item(),
-    }
+    summary = {"steady_generation_s": {v: med(v, "second_generation_s") for v in variants},
+               "speedup_vs_eager_steady_generation": {v: med("eager", "second_generation_s") /
+                                                      med(v, "second_generation_s") for v in variants},
+               "process_wall_s_median": {v: med(v, "process_wall_s") for v in variants},
+               "backend": {v: next(r["backend"] for r in runs if r["variant"] == v) for v in variants}}
+    for v in variants[1:]:   # the first process of a variant finds empty caches, the others warm ones
+        cold = next(r for r in runs if r["variant"] == v)
+        warm = [r for r in runs if r["variant"] == v and r is not cold]
+        summary[v] = {"process_wall_s_cold_cache": cold["process_wall_s"],
+                      "first_generation_s_cold_cache": cold["first_generation_s"],
+                      "import_and_load_s_cold_cache": cold["import_and_load_s"],
+                      "process_wall_s_warm_cache_median": med(v, "process_wall_s", warm),
+                      "first_generation_s_warm_cache_median": med(v, "first_generation_s", warm),
+                      "import_and_load_s_warm_cache_median": med(v, "import_and_load_s", warm)}
+    summary["max_abs_latent_diff_vs_paper_exact"] = {v: max(r["max_abs_latent_diff_vs_paper_exact"] for r in runs
+                                                            if r["variant"] == v) for v in variants}
+    summary["latent_scale"] = exact.abs().max().item()
     out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "case": {
         "model": args.model or "tiny random SD-2-shaped (cones2.default_model.tiny_model_dir)",
         "resolution": args.resolution,
@@ -112,7 +129,10 @@ def parent(args) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=3, help="eager + compiled process pairs (default: 3)")
+    p.add_argument("--variants", default="eager,compiled",
+                   help="comma list, eager first: eager (--backend, sdpa), compiled (it, torch.compile), "
+                        "default (the engine's own choice) (default: eager,compiled)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per variant (default: 3)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--resolution", type=int, default=768)
     p.add_argument("--backend", default="sdpa")
@@ -120,7 +140,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="default: the tiny random SD-2-shaped model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CLI's rule)")
     p.add_argument("--json", default=None)
-    p.add_argument("--child", choices=("eager", "compiled"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--latents", help=argparse.SUPPRESS)
     args = p.parse_args()

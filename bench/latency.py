@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None,
                    help="comma list of backends, or `torch` for the default one (default: every attention backend "
                         "that can run here, plus onnxruntime with --onnx)")
-    p.add_argument("--onnx", default=None, help="exported ONNX directory, for the onnxruntime backend")
+    p.add_argument("--onnx", default=None,
+                   help="exported ONNX directory for onnxruntime (default when named in --backends: the export "
+                        "cached per model, made on first use)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default: 1)")
     p.add_argument("--repeat", type=int, default=3,
                    help="timed runs; the fastest is reported, the least disturbed by other load (default: 3)")
@@ -85,8 +87,8 @@ def resolve_backends(text: str | None, device: torch.device, onnx: str | None) -
     names = []
     for name in wanted:
         why = why_unavailable(name, device)  # unknown names raise, listing the known ones
-        if why is None and name == "onnxruntime" and not onnx:
-            why = "needs --onnx DIR (see `cones2-engine export onnx`)"
+        if why is None and name == "onnxruntime" and not onnx and text is None:   # named: the cached export
+            why = "not by default without --onnx DIR (name it in --backends to use the export cached per model)"
         if why is not None:
             skipped[name] = why
         elif name not in names:
@@ -97,13 +99,14 @@ def resolve_backends(text: str | None, device: torch.device, onnx: str | None) -
     return names, skipped
 
 
-def load_engine(args, device: torch.device, dtype: torch.dtype) -> tuple[Engine, str]:
+def load_engine(args, device: torch.device, dtype: torch.dtype, first: str) -> tuple[Engine, str]:
+    """The engine, built with the first benchmarked backend (so no other default is built, or exported)."""
+    kw = dict(backend=first, backend_options={"onnx_dir": args.onnx} if first == "onnxruntime" and args.onnx else None,
+              compile=args.compile)
     if args.shape == "sd21":
         print(f"building a randomly initialised SD 2.1 from {args.sd21_config} ...", file=sys.stderr)
-        return (Engine(random_components(args.sd21_config, device, dtype), device, dtype, compile=args.compile),
-                "SD 2.1 shapes (random init)")
-    return (Engine.from_pretrained(args.model, device=device, dtype=dtype, compile=args.compile),
-            args.model or "embedded model")
+        return Engine(random_components(args.sd21_config, device, dtype), device, dtype, **kw), "SD 2.1 shapes (random init)"
+    return Engine.from_pretrained(args.model, device=device, dtype=dtype, **kw), args.model or "embedded model"
 
 
 def run(args) -> int:
@@ -118,10 +121,10 @@ def run(args) -> int:
         if getattr(args, flag) < low:
             raise Cones2Error(f"must be >= {low}, got {getattr(args, flag)}", flag)
     backends, skipped = resolve_backends(args.backends, device, args.onnx)
-    engine, model = load_engine(args, device, dtype)
+    engine, model = load_engine(args, device, dtype, backends[0])
     for name in list(backends):
         try:
-            engine.runner(name, **({"onnx_dir": args.onnx} if name == "onnxruntime" else {}))
+            engine.runner(name, **({"onnx_dir": args.onnx} if name == "onnxruntime" and args.onnx else {}))
         except (Cones2Error, ImportError, RuntimeError, OSError) as exc:
             skipped[name] = f"cannot build its runner: {exc}"
             backends.remove(name)
@@ -148,7 +151,8 @@ def run(args) -> int:
                                                        progress=not args.no_progress)
     official = None
     if dtype != torch.float32 and not args.no_official_fp32:   # the same weights, as the official code runs them
-        official = load_engine(argparse.Namespace(**{**vars(args), "compile": False}), device, torch.float32)[0]
+        official = load_engine(argparse.Namespace(**{**vars(args), "compile": False}), device, torch.float32,
+                               "reference")[0]     # it runs the paper-style runner; reference builds nothing
     results["end_to_end"] = end_to_end(engine, work, backends, args.warmup, args.repeat, not args.no_progress,
                                        official_fp32=official)
     report(results)

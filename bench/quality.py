@@ -13,7 +13,7 @@ layout-guided prompt. Prints tables, writes JSON.
     python bench/quality.py --model runs/demo/model --json bench/results/quality.json
     python bench/quality.py --quick --model DIR      # a small smoke subset
     python bench/quality.py --oracle --quick         # score the world's own renders: checks the metrics
-    python bench/quality.py --no-layout --instances twotone_ring,twotone_heart --residual-prompts 20
+    python bench/quality.py --no-layout --instances twotone_triangle,twotone_heart --residual-prompts 20
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ from cones2_train.demo_world.metrics import (box_chance, eval_scene, layout_boxe
                                              summarize, summarize_instances)
 from cones2_train.demo_world.world import BACKGROUNDS, COLOURS, INSTANCES, Scene, Thing, instance_images, instance_scene
 
-COMPOSE_BOXES = {"left": (0.02, 0.2, 0.48, 0.8), "right": (0.52, 0.2, 0.98, 0.8)}
+# Two 26-px boxes 6 px apart: the world's object scale (14-26 px). Boxes of 29 x 38 px with a 1-px gap,
+# used before, made the model fill them and the two objects touch (one region to the detector).
+COMPOSE_BOXES = {"left": (0.05, 0.3, 0.45, 0.7), "right": (0.55, 0.3, 0.95, 0.7)}
 # `make demo`: two residual subjects and one plain, named subject, each in its box
-DEMO_RESIDUALS = ("twotone_ring", "twotone_circle")
-DEMO_PLAIN = ("star", "red")
-DEMO_BOXES = {"ring": (0.05, 0.05, 0.45, 0.45), "circle": (0.55, 0.05, 0.95, 0.45), "star": (0.3, 0.55, 0.7, 0.95)}
+DEMO_RESIDUALS = ("twotone_heart", "twotone_triangle")
+DEMO_PLAIN = ("star", "blue")
+DEMO_BOXES = {"heart": (0.05, 0.05, 0.45, 0.45), "star": (0.55, 0.05, 0.95, 0.45), "triangle": (0.3, 0.55, 0.7, 0.95)}
 
 
 def parse_args(argv):
@@ -52,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--residual-steps", type=int, default=300)
     p.add_argument("--residual-lr", type=float, default=3e-4)
     p.add_argument("--residual-prompts", type=int, default=40, help="generations per residual setting")
+    p.add_argument("--residual-train-prompt", default="{}",
+                   help="TrainConfig.train_prompt of the residuals (default {}: SPEC 1.2's bare word)")
     p.add_argument("--no-residuals", action="store_true")
     p.add_argument("--no-layout", action="store_true", help="skip the layout evaluation (residuals only)")
     p.add_argument("--instances", default=",".join(INSTANCES),
@@ -195,7 +199,8 @@ def evaluate_residuals(source, engine, args, templates_dir: Path) -> dict:
 
         tpl = templates_dir / f"{name}.txt"
         tpl.write_text("\n".join(templates_for(inst.kind)) + "\n")
-        cfg = cones2_train.TrainConfig(steps=args.residual_steps, lr=args.residual_lr, seed=0, templates=str(tpl))
+        cfg = cones2_train.TrainConfig(steps=args.residual_steps, lr=args.residual_lr, seed=0, templates=str(tpl),
+                                       train_prompt=args.residual_train_prompt)
         t0 = time.perf_counter()
         residual = cones2_train.train_residual(engine, instance_images(inst, 5, seed=0), inst.kind, cfg,
                                                progress=not args.no_progress)

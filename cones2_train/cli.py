@@ -51,6 +51,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the measured rule of cones2.threads)")
     p.add_argument("--templates", default=None, help="caption templates file, one caption with one {} per line")
+    p.add_argument("--train-prompt", default="{}",
+                   help="caption the denoising loss conditions on, one {} for the word (default {}: the bare "
+                        "word, SPEC 1.2; e.g. 'a {}' for small models, docs/training.md)")
     p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT without suffix + .ckpt)")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="periodic checkpoints to keep")
@@ -77,7 +80,8 @@ def run(args) -> int:
     config = TrainConfig(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
         reg_first=args.reg_first, reg_rest=args.reg_rest, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-        seed=args.seed, device=args.device, dtype=args.dtype, templates=args.templates, save_every=args.save_every,
+        seed=args.seed, device=args.device, dtype=args.dtype, templates=args.templates,
+        train_prompt=args.train_prompt, save_every=args.save_every,
         checkpoint_dir=str(checkpoint_dir),
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, gradient_checkpointing=args.gradient_checkpointing)
 

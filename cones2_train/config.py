@@ -27,6 +27,11 @@ class TrainConfig:
     dtype: autocast precision "fp32", "bf16" or "fp16"; None = bf16 on CUDA (fp16 where bf16 is
     unsupported), fp32 on CPU. The text-encoder copy and its optimizer state are always fp32.
     templates: caption template file for the residual (SPEC 1.5); None = the shipped list.
+    train_prompt: the caption the denoising loss conditions on, with one {} for the word. "{}" (the
+    default) is SPEC 1.2: the bare word. Anything else (e.g. "a {}") departs from SPEC, on purpose:
+    a model that never saw its words without context (the demo model) learns more from the word in
+    a context it knows. The regulariser then holds the start token and everything after the word,
+    leaving the context before it free like the word (docs/training.md).
     save_every: write a resumable checkpoint every N steps (0 = only on interrupt).
     checkpoint_dir: where checkpoints go (None = no checkpoints, not even on interrupt).
     keep_checkpoints: how many periodic checkpoints to keep (oldest are deleted).
@@ -46,6 +51,7 @@ class TrainConfig:
     device: str | None = None
     dtype: str | None = None
     templates: str | None = None
+    train_prompt: str = "{}"
     save_every: int = 0
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 1
@@ -70,6 +76,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise Cones2Error(f"must be a non-empty string or None, got {value!r}", name)
+        if not isinstance(self.train_prompt, str) or self.train_prompt.count("{}") != 1:
+            raise Cones2Error(f"must be a caption with exactly one {{}} for the word, got {self.train_prompt!r}",
+                              "train_prompt")
         if self.save_every and self.checkpoint_dir is None:
             raise Cones2Error("needs checkpoint_dir (where to write the checkpoints)", "save_every")
 

@@ -54,6 +54,10 @@ def train_residual(model, images, word: str, config: TrainConfig | None = None, 
     return trainer.train(progress=progress, should_stop=should_stop, on_step=on_step)
 
 
+# Resume keys added after checkpoints were first written, with the value those checkpoints implied.
+_BEFORE_IT_WAS_RECORDED = {"train_prompt": "{}"}
+
+
 class Trainer:
     """One training run, set up and validated in the constructor; `train()` runs it.
 
@@ -89,6 +93,12 @@ class Trainer:
         ids = prompt_token_ids(self.tokenizer, self.word)
         if ids[1 : 1 + self.k] != self.word_ids:
             raise Cones2Error(f"{self.word!r} does not tokenize the same inside a prompt", "word")
+        start = 1
+        if config.train_prompt != "{}":   # opt-in context around the word (TrainConfig.train_prompt)
+            prompt = captions_for(self.tokenizer, [config.train_prompt], self.word, self.word_ids, "train_prompt")[0]
+            ids, start = list(prompt.token_ids), prompt.start
+        # the regulariser holds token 0 and everything after the word: tokens 1..free_tokens are free
+        self.free_tokens = start - 1 + self.k
         self.prompt_ids = torch.tensor([ids], device=self.device)                      # (1, 77)
         self.captions = captions_for(self.tokenizer, templates, self.word, self.word_ids)
         self.templates = templates
@@ -167,7 +177,7 @@ class Trainer:
         with timer("text_encoder_forward"):
             with self._autocast():
                 enc = self.tuned(self.prompt_ids)[0]                                       # E'(s), (1, 77, D)
-            reg = embedding_preservation(enc[0], self.frozen_prompt, self.k, cfg.reg_first, cfg.reg_rest)
+            reg = embedding_preservation(enc[0], self.frozen_prompt, self.free_tokens, cfg.reg_first, cfg.reg_rest)
         enc_leaf = enc.detach().requires_grad_(True)
         with timer("unet_forward"):
             with self._autocast():
@@ -220,7 +230,7 @@ class Trainer:
         meta = {
             "trainer": "cones2_train", "version": cones2.__version__, "steps": self.step, "lr": c.lr,
             "seed": c.seed, "batch_size": c.batch_size, "resolution": self.resolution, "reg_first": c.reg_first,
-            "reg_rest": c.reg_rest, "grad_clip": c.grad_clip, "weight_decay": c.weight_decay,
+            "reg_rest": c.reg_rest, "train_prompt": c.train_prompt, "grad_clip": c.grad_clip, "weight_decay": c.weight_decay,
             "dtype": _dtype_name(self.dtype), "prediction_type": self.objective.prediction_type,
             "images": self.num_images, "images_sha256": self.images_sha256, "templates": len(self.templates),
             "templates_sha256": hashlib.sha256("\n".join(self.templates).encode()).hexdigest(),
@@ -248,7 +258,8 @@ class Trainer:
         c = self.config
         return {"word": self.word, "token_ids": self.word_ids, "base_model": self.components.model_id,
                 "images_sha256": self.images_sha256, "resolution": self.resolution, "batch_size": c.batch_size,
-                "lr": c.lr, "reg_first": c.reg_first, "reg_rest": c.reg_rest, "grad_clip": c.grad_clip,
+                "lr": c.lr, "reg_first": c.reg_first, "reg_rest": c.reg_rest, "train_prompt": c.train_prompt,
+                "grad_clip": c.grad_clip,
                 "weight_decay": c.weight_decay, "seed": c.seed, "dtype": _dtype_name(self.dtype),
                 "device_type": self.device.type, "prediction_type": self.objective.prediction_type}
 
@@ -256,7 +267,7 @@ class Trainer:
         state = load_checkpoint(path)
         mine = self._resume_info()
         for key, value in mine.items():
-            if state.info.get(key) != value:
+            if state.info.get(key, _BEFORE_IT_WAS_RECORDED.get(key)) != value:
                 raise Cones2Error(f"checkpoint was made with {key}={state.info.get(key)!r}, this run has "
                                   f"{key}={value!r}", "resume")
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Callable
@@ -25,6 +26,7 @@ from .errors import Cones2Error
 ATTENTION = "attention backend"
 RUNNER = "UNet runner"
 ENTRY_POINT_GROUP = "cones2.backends"
+DEFAULT_ENV = "CONES2_BACKEND"   # pins the default for every engine of the process (docs/speed.md)
 
 log = logging.getLogger("cones2.backends")
 
@@ -102,11 +104,39 @@ def why_unavailable(name: str, device: str | torch.device) -> str | None:
     return get_spec(name).unavailable(torch.device(device))
 
 
-def select_backend(device: str | torch.device, requested: str | None = None) -> tuple[str, str]:
+def default_backends(device: str | torch.device, kinds: tuple[str, ...] = (ATTENTION, RUNNER)) -> list[tuple[str, str]]:
+    """The defaults for `device`, best first, as (name, why): `$CONES2_BACKEND` alone when set, else
+    every backend of `kinds` that may be a default here and can run, by priority. The engine builds
+    the first and falls back to the next when building fails (e.g. an export that cannot be made)."""
+    device = torch.device(device)
+    pinned = os.environ.get(DEFAULT_ENV, "").strip()
+    if pinned:
+        try:
+            return [(select_backend(device, pinned, log_choice=False)[0], f"${DEFAULT_ENV}")]
+        except Cones2Error as exc:
+            raise Cones2Error(f"${DEFAULT_ENV}={pinned!r}: {str(exc).removeprefix('backend: ')}", "backend") from None
+    candidates = sorted((s for s in specs() if device.type in s.default_on and not s.needs and s.kind in kinds),
+                        key=lambda s: -s.priority)
+    usable, passed_over = [], []
+    for spec in candidates:
+        why = spec.unavailable(device)
+        if why is None:
+            over = f" (passed over {'; '.join(passed_over)})" if passed_over else ""
+            usable.append((spec.name, f"default on {device.type}{over}"))
+        else:
+            passed_over.append(f"{spec.name}: {why}")
+    if not usable:
+        raise Cones2Error(f"no backend can run on {device.type} ({'; '.join(passed_over) or 'none registered'})",
+                          "backend")
+    return usable
+
+
+def select_backend(device: str | torch.device, requested: str | None = None, *,
+                   log_choice: bool = True) -> tuple[str, str]:
     """(backend name, why it was chosen) for `device`; logs the choice and the backends passed over.
 
     requested: a name the user asked for (checked: it must exist and be able to run here), or None
-    for the best default backend that can run on this device."""
+    for the best default backend that can run on this device (`default_backends`)."""
     device = torch.device(device)
     if requested is not None:
         spec = get_spec(requested)
@@ -117,20 +147,9 @@ def select_backend(device: str | torch.device, requested: str | None = None) -> 
                               "backend")
         name, reason = requested, "requested"
     else:
-        candidates = sorted((s for s in specs() if device.type in s.default_on and not s.needs),
-                            key=lambda s: -s.priority)
-        passed_over = []
-        for spec in candidates:
-            why = spec.unavailable(device)
-            if why is None:
-                break
-            passed_over.append(f"{spec.name}: {why}")
-        else:
-            raise Cones2Error(f"no backend can run on {device.type} ({'; '.join(passed_over) or 'none registered'})",
-                              "backend")
-        name = spec.name
-        reason = f"default on {device.type}" + (f" (passed over {'; '.join(passed_over)})" if passed_over else "")
-    log.info("backend %s: %s", name, reason)
+        name, reason = default_backends(device)[0]
+    if log_choice:
+        log.info("backend %s: %s", name, reason)
     return name, reason
 
 

@@ -7,6 +7,7 @@ compatible requests through one sampling loop (cross-request batching for the se
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 import time
@@ -26,11 +27,13 @@ from .image import decode_latents, png_info
 from .layout import Layout
 from .loading import Components, load_components, parse_device, parse_dtype
 from .residual import Residual
-from .backends import select_backend
+from .backends import ATTENTION, RUNNER, default_backends, select_backend
 from .runners import make_runner
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
 from .tokens import SEQ_LEN, SubjectTokens, locate_subject, prompt_token_ids
+
+log = logging.getLogger("cones2.engine")
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,13 @@ class Engine:
 
     Build with `Engine.from_pretrained`. `backend` picks how the UNet runs (`cones2.backends`):
     an attention backend inside the PyTorch UNet (`reference`, `sdpa`, `triton`) or a UNet runner
-    that replaces it (`onnxruntime`, `tensorrt`); None picks the best one that runs on `device`.
+    that replaces it (`onnxruntime`, `tensorrt`); None picks the best one that runs on `device`
+    (`$CONES2_BACKEND` pins it): on CUDA `triton`, on the CPU `onnxruntime` when the export extra
+    is installed (its export is made on first use and cached per model), else `sdpa`.
     `backend_options` go to UNet runners (e.g. `onnx_dir`). `backend_reason` says why it was chosen.
     `compile=True` runs the PyTorch UNet through torch.compile (`cones2.compiled`: CUDA graphs on
-    CUDA); `warmup` compiles the graphs of given shapes ahead of time.
+    CUDA; the default is then the best attention backend); `warmup` compiles the graphs of given
+    shapes ahead of time.
     Thread-safe: `check`, `encode` and `generate_batch` may be called from several threads.
     """
 
@@ -135,10 +141,30 @@ class Engine:
         # HF tokenizers keep per-call padding state: concurrent calls corrupt each other's lengths.
         # Every tokenizer call in the engine (and so in the service) goes through this one lock.
         self._tokenizer_lock = threading.RLock()
-        self.default_backend, self.backend_reason = select_backend(device, backend)
         self.compile = compile
-        self._runners[self.default_backend] = make_runner(self.default_backend, self, compile=compile,
-                                                          **(backend_options or {}))
+        if backend is not None:
+            self.default_backend, self.backend_reason = select_backend(device, backend)
+            self._runners[backend] = make_runner(backend, self, compile=compile, **(backend_options or {}))
+        else:
+            self._start_default_backend(backend_options or {})
+
+    def _start_default_backend(self, options: dict) -> None:
+        """Build the best default backend for the device; when one cannot start (its cached export
+        fails, say), log why and take the next. `compile` limits the choice to attention backends."""
+        kinds = (ATTENTION,) if self.compile else (ATTENTION, RUNNER)
+        candidates = default_backends(self.device, kinds)
+        for k, (name, reason) in enumerate(candidates):
+            try:
+                self._runners[name] = make_runner(name, self, compile=self.compile, **options)
+            except Exception as exc:  # noqa: BLE001 - any failure of an optional default means: use the next
+                if k + 1 == len(candidates):
+                    raise
+                log.warning("default backend %s could not start (%s: %s); using %s", name, type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "", candidates[k + 1][0])
+                continue
+            self.default_backend, self.backend_reason = name, reason
+            log.info("backend %s: %s", name, reason)
+            return
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",

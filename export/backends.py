@@ -17,6 +17,10 @@ from cones2.backends import ATTENTION, RUNNER, BackendSpec, missing_package, reg
 def _ort_runner(engine, onnx_dir=None, **options):
     from .ort_backend import OrtUNetRunner
 
+    if onnx_dir is None:  # the export of this model kept in the user cache, made now on first use
+        from .cache import ensure_cached_export
+
+        onnx_dir = ensure_cached_export(engine)
     return OrtUNetRunner(engine, onnx_dir, **options)
 
 
@@ -33,7 +37,11 @@ def _graph_attention():
 
 
 def _ort_unavailable(device: torch.device) -> str | None:
-    return missing_package("onnxruntime", "pip install 'cones2-engine[export]'")
+    for module in ("onnxruntime", "onnx", "onnxscript"):   # all three make the export it runs
+        why = missing_package(module, "pip install 'cones2-engine[export]'")
+        if why:
+            return why
+    return None
 
 
 def _trt_unavailable(device: torch.device) -> str | None:
@@ -44,9 +52,12 @@ def _trt_unavailable(device: torch.device) -> str | None:
     return None
 
 
+# The CPU default (above sdpa's 10): 1.97x sdpa at 768 px and 2.8x on the demo model, same latents
+# within float rounding (docs/speed.md section 4). Without onnx_dir it exports once into the cache.
 register(BackendSpec("onnxruntime", RUNNER, _ort_runner,
-                     "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; needs onnx_dir",
-                     unavailable=_ort_unavailable, needs=("onnx_dir",)))
+                     "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; onnx_dir, "
+                     "or an export made on first use and cached per model",
+                     unavailable=_ort_unavailable, default_on=("cpu",), priority=15))
 register(BackendSpec("tensorrt", RUNNER, _trt_runner,
                      "TensorRT engines built from the ONNX graphs, CUDA graphs per shape; needs engine_dir",
                      unavailable=_trt_unavailable, needs=("engine_dir",)))

@@ -63,8 +63,16 @@ def export_onnx(model: str | os.PathLike | None, out_dir: str | os.PathLike, *, 
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     _require_onnx()
-
     engine = cones2.Engine.from_pretrained(model, device="cpu", dtype="fp32", backend="reference")
+    return export_engine(engine, out, opset=opset, dtype=dtype, static_shape=static_shape, verify=verify,
+                         progress=progress)
+
+
+def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
+                  static_shape: str | None = None, verify: bool = True, progress: bool = True) -> dict:
+    """Export an already-loaded CPU fp32 engine's models to `out_dir` (see `export_onnx`; the checks of
+    its arguments and of `out_dir` are the caller's). Used directly by the runtime export cache."""
+    out = Path(out_dir)
     facts = ModelFacts.from_engine(engine)
     static = parse_static_shape(static_shape, facts)
     components = engine.components

@@ -58,6 +58,10 @@ class _OrtModel:
         self.device = torch.device(device)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Memory patterns are planned per input shape, and every new latent size, batch or layout level
+        # is one: measured on the CPU at 768 px (docs/speed.md section 4), the first two UNet calls took
+        # 4.8 s and 9.3 s with patterns against 2.9 s and 1.2 s without, and later calls were equal.
+        options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = int(threads)
         path = Path(onnx_dir) / self.manifest["models"][self.contract.name]["file"]
@@ -97,7 +101,8 @@ class OrtUNetRunner:
     sample (B, C, h, w); timestep 0-dim or (B,); embeddings (B, 77, D); rectification a
     `Rectification` with weights keyed by query count N (as the sampler builds them) or None.
     providers: ONNX Runtime execution providers (default: CUDA for a CUDA engine, else CPU);
-    threads: intra-op threads (default: ONNX Runtime's). Returns the prediction (B, C, h, w) on the engine's device in sample's dtype.
+    threads: intra-op threads (default on the CPU: torch's thread count, which `cones2.threads` sets
+    by the measured rule; ONNX Runtime's own default takes every core). Returns the prediction (B, C, h, w) on the engine's device in sample's dtype.
     """
 
     name = "onnxruntime"
@@ -110,11 +115,13 @@ class OrtUNetRunner:
         manifest = read_manifest(onnx_dir, "onnx_dir")
         check_engine(manifest, engine, "onnx_dir")
         self.manifest = manifest
+        if threads is None and engine.device.type == "cpu":
+            threads = torch.get_num_threads()
         self.model = _OrtModel(onnx_dir, UNetContract, engine.device, providers, manifest, threads)
         self.feeds = UNetFeeds(self.model.contract, manifest)
         # The exported text encoder and VAE decoder run the rest of the pipeline (see Engine.encode).
-        self.text_encoder = OrtTextEncoder(onnx_dir, engine.device, providers)
-        self.vae_decoder = OrtVaeDecoder(onnx_dir, engine.device, providers)
+        self.text_encoder = OrtTextEncoder(onnx_dir, engine.device, providers, threads)
+        self.vae_decoder = OrtVaeDecoder(onnx_dir, engine.device, providers, threads)
         self.dtype = engine.dtype
 
     def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -135,8 +142,9 @@ class OrtUNetRunner:
 class OrtTextEncoder:
     """input_ids (B, 77) int64 -> E(p) (B, 77, D), from the exported text encoder."""
 
-    def __init__(self, onnx_dir: str | os.PathLike, device: str | torch.device = "cpu", providers: list | None = None):
-        self.model = _OrtModel(onnx_dir, TextEncoderContract, torch.device(device), providers)
+    def __init__(self, onnx_dir: str | os.PathLike, device: str | torch.device = "cpu", providers: list | None = None,
+                 threads: int | None = None):
+        self.model = _OrtModel(onnx_dir, TextEncoderContract, torch.device(device), providers, threads=threads)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         d = self.model.contract.facts.text_dim
@@ -146,8 +154,9 @@ class OrtTextEncoder:
 class OrtVaeDecoder:
     """Final latents (B, C, h, w) -> uint8 images (B, H, W, 3), like `Engine.decode`."""
 
-    def __init__(self, onnx_dir: str | os.PathLike, device: str | torch.device = "cpu", providers: list | None = None):
-        self.model = _OrtModel(onnx_dir, VaeDecoderContract, torch.device(device), providers)
+    def __init__(self, onnx_dir: str | os.PathLike, device: str | torch.device = "cpu", providers: list | None = None,
+                 threads: int | None = None):
+        self.model = _OrtModel(onnx_dir, VaeDecoderContract, torch.device(device), providers, threads=threads)
 
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
         s = self.model.contract.facts.vae_scale

@@ -18,19 +18,38 @@ def test_both_kinds_are_registered_under_one_namespace():
                                                                                      ATTENTION)
     # found through the `cones2.backends` entry point of the installed distribution, not named by the core
     assert kinds["onnxruntime"] == RUNNER and kinds["tensorrt"] == RUNNER
-    assert backends.get_spec("onnxruntime").needs == ("onnx_dir",)
+    assert backends.get_spec("tensorrt").needs == ("engine_dir",)
+    assert backends.get_spec("onnxruntime").default_on == ("cpu",)   # its export is cached on first use
 
 
-def test_cpu_default_is_sdpa_and_the_choice_is_logged(caplog, monkeypatch):
+def test_cpu_default_is_onnxruntime_then_sdpa_and_the_choice_is_logged(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make triton runnable
+    monkeypatch.delenv("CONES2_BACKEND", raising=False)     # the suite pins it (conftest)
     with caplog.at_level(logging.INFO, logger="cones2.backends"):
         name, reason = cones2.select_backend("cpu")
-    assert (name, reason) == ("sdpa", "default on cpu")
-    assert "backend sdpa: default on cpu" in caplog.text
+    assert (name, reason) == ("onnxruntime", "default on cpu")
+    assert "backend onnxruntime: default on cpu" in caplog.text
+    assert [n for n, _ in backends.default_backends("cpu")] == ["onnxruntime", "sdpa"]
+    assert backends.default_backends("cpu", (ATTENTION,)) == [("sdpa", "default on cpu")]   # what --compile takes
+    import dataclasses
+
+    hidden = dataclasses.replace(backends.get_spec("onnxruntime"), unavailable=lambda device: "no onnx here")
+    monkeypatch.setitem(backends._SPECS, "onnxruntime", hidden)
+    assert cones2.select_backend("cpu") == ("sdpa", "default on cpu (passed over onnxruntime: no onnx here)")
+
+
+def test_the_environment_pins_the_default(monkeypatch):
+    monkeypatch.setenv("CONES2_BACKEND", "reference")
+    assert cones2.select_backend("cpu") == ("reference", "$CONES2_BACKEND")
+    assert cones2.select_backend("cpu", "sdpa") == ("sdpa", "requested")   # a request still wins
+    monkeypatch.setenv("CONES2_BACKEND", "tensorrt")
+    with pytest.raises(cones2.Cones2Error, match=r"^backend: \$CONES2_BACKEND='tensorrt': 'tensorrt' cannot run on cpu"):
+        cones2.select_backend("cpu")
 
 
 def test_cuda_default_prefers_triton_and_says_why_it_passed_it_over(monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.delenv("CONES2_BACKEND", raising=False)
     assert cones2.select_backend("cuda") == ("triton", "default on cuda")
     import dataclasses
 
@@ -45,7 +64,7 @@ def test_requested_backend_that_cannot_run_names_the_reason_and_the_alternatives
     with pytest.raises(cones2.Cones2Error) as err:
         cones2.select_backend("cpu", "tensorrt")
     assert str(err.value) == ("backend: 'tensorrt' cannot run on cpu: TensorRT engines run on CUDA only; "
-                              "usable here: onnx, reference, sdpa")
+                              "usable here: onnx, onnxruntime, reference, sdpa")
     with pytest.raises(cones2.Cones2Error, match=r"unknown backend 'xla'; choose from onnx, onnxruntime, "):
         cones2.select_backend("cpu", "xla")
 
@@ -56,8 +75,8 @@ def test_runner_options_are_checked_before_building():
 
     from cones2.runners import make_runner
 
-    with pytest.raises(cones2.Cones2Error, match="backend 'onnxruntime' needs onnx_dir"):
-        make_runner("onnxruntime", FakeEngine())
+    with pytest.raises(cones2.Cones2Error, match="backend 'tensorrt' needs engine_dir"):
+        make_runner("tensorrt", FakeEngine())
     with pytest.raises(cones2.Cones2Error, match="attention backend 'sdpa' takes no options, got onnx_dir"):
         make_runner("sdpa", FakeEngine(), onnx_dir="x")
 

@@ -205,8 +205,9 @@ def test_engine_onnxruntime_batch_of_guided_and_unguided_requests(engine, ort_en
 
 
 def test_engine_onnxruntime_errors(onnx_dir, tiny_model_dir, tmp_path):
-    with pytest.raises(Cones2Error, match="onnx_dir"):
-        cones2.Engine.from_pretrained(None, backend="onnxruntime")
+    # without onnx_dir the export is cached on first use (tests/test_cpu_default.py), from CPU fp32 only
+    with pytest.raises(Cones2Error, match="onnx_dir: the cached ONNX export is made from a CPU fp32 engine"):
+        cones2.Engine.from_pretrained(None, backend="onnxruntime", dtype="bf16")
     with pytest.raises(Cones2Error, match="not found"):
         cones2.Engine.from_pretrained(None, backend="onnxruntime", backend_options={"onnx_dir": str(tmp_path / "no")})
     with pytest.raises(Cones2Error, match="exported from model"):  # another checkpoint than the export's

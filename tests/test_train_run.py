@@ -168,3 +168,25 @@ def test_resume_refuses_a_different_run(components, tmp_path):
         Trainer(components, _images(), "dog", TrainConfig(steps=4, lr=1e-4, resolution=64, resume=str(tmp_path)))
     with pytest.raises(cones2.Cones2Error, match="images_sha256"):
         Trainer(components, _images(2), "dog", TrainConfig(steps=4, resolution=64, resume=str(tmp_path)))
+
+
+def test_train_prompt_puts_the_word_in_context_and_holds_what_follows(components):
+    """TrainConfig.train_prompt (opt-in, off SPEC 1.2): the loss conditions on "a photo of teddy bear";
+    the start token and everything after the word are held, the context before it is free."""
+    cfg = TrainConfig(steps=100, lr=3e-3, resolution=64, reg_first=1e4, reg_rest=1e4, seed=1,
+                      train_prompt="a photo of {}")
+    trainer = Trainer(components, _images(), "teddy bear", cfg)
+    ids = components.tokenizer("a photo of teddy bear", padding="max_length", max_length=77).input_ids
+    assert trainer.prompt_ids[0].tolist() == ids and trainer.free_tokens == 5   # "a photo of" + 2 word tokens
+    residual = trainer.train(progress=False)
+    assert residual.metadata["train_prompt"] == "a photo of {}" and residual.rows == 2
+    with torch.no_grad():
+        dist = (trainer.tuned(torch.tensor([ids]))[0][0] - components.text_encoder(torch.tensor([ids]))[0][0]).norm(dim=-1)
+    held, free = torch.cat([dist[:1], dist[6:]]), dist[4:6]
+    assert free.min() > 3 * held.max(), (free, held.max())
+
+
+@pytest.mark.parametrize("prompt", ["a photo", "{} and {}", ""])
+def test_train_prompt_needs_exactly_one_slot(prompt):
+    with pytest.raises(cones2.Cones2Error, match="^train_prompt: must be a caption with exactly one {}"):
+        TrainConfig(train_prompt=prompt)

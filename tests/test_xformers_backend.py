@@ -18,7 +18,7 @@ def test_asking_for_xformers_where_it_cannot_run_is_one_line_naming_a_working_ba
         cones2.select_backend("cpu", "xformers")
     message = str(err.value)
     assert message.startswith("backend: 'xformers' cannot run on cpu: ") and "\n" not in message
-    assert "use backend 'sdpa'" in message and message.endswith("usable here: onnx, reference, sdpa")
+    assert "use backend 'sdpa'" in message and message.endswith("usable here: onnx, onnxruntime, reference, sdpa")
 
 
 def test_aligned_bias_pads_rows_to_a_multiple_of_8_and_keeps_values():

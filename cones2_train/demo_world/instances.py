@@ -1,8 +1,8 @@
 """Subject instances as `cones2-train` inputs: a folder of images plus world-specific caption templates.
 
-    python -m cones2_train.demo_world.instances --instance twotone_ring --out runs/twotone_ring
-    cones2-train --model runs/demo/model --images runs/twotone_ring --word ring \
-        --templates runs/twotone_ring/templates.txt --out ring.safetensors ...
+    python -m cones2_train.demo_world.instances --instance twotone_triangle --out runs/twotone_triangle
+    cones2-train --model runs/demo/model --images runs/twotone_triangle --word triangle \
+        --templates runs/twotone_triangle/templates.txt --out triangle.safetensors ...
 
 The shipped everyday-photo templates ("a photo of a {}") mean nothing to a model that only knows this
 world, so the residual is averaged over captions of the world instead (SPEC 1.5 allows any fixed set).

@@ -12,8 +12,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default=None,
-                   help="reference, sdpa, triton, onnxruntime or tensorrt (default: triton on CUDA, sdpa on CPU)")
-    p.add_argument("--onnx", default=None, help="exported ONNX directory, for --backend onnxruntime")
+                   help="reference, sdpa, triton, xformers, onnxruntime or tensorrt (default, or $CONES2_BACKEND: "
+                        "triton on CUDA; on the CPU onnxruntime with an export cached on first use, sdpa "
+                        "without the export extra or with --compile)")
+    p.add_argument("--onnx", default=None,
+                   help="exported ONNX directory for onnxruntime (implies --backend onnxruntime; default: the "
+                        "export cached per model)")
     p.add_argument("--trt", default=None, help="TensorRT engine directory, for --backend tensorrt")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (CUDA graphs on CUDA); composes with reference, sdpa and triton. "
@@ -35,17 +39,23 @@ def check_model_flags(args) -> dict:
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     parse_dtype(dtype, device)
     options = {}
+    if args.backend is None and getattr(args, "onnx", None):
+        args.backend = "onnxruntime"
     if args.backend is not None:
         spec = get_spec(args.backend)
         why = why_unavailable(args.backend, device)
         if why is not None:
             raise Cones2Error(f"{quote(args.backend)} cannot run on {device.type}: {why}", "backend")
-        for need, flag, target in (("onnx_dir", "onnx", "onnx"), ("engine_dir", "trt", "tensorrt")):
-            if need in spec.needs:
-                if not getattr(args, flag, None):
-                    raise Cones2Error(f"--backend {args.backend} needs --{flag} DIR "
-                                      f"(see `cones2-engine export {target}`)", flag)
-                options[need] = getattr(args, flag)
+        for name, need, flag, target in (("onnxruntime", "onnx_dir", "onnx", "onnx"),
+                                         ("tensorrt", "engine_dir", "trt", "tensorrt")):
+            given = getattr(args, flag, None)
+            if need in spec.needs and not given:
+                raise Cones2Error(f"--backend {args.backend} needs --{flag} DIR "
+                                  f"(see `cones2-engine export {target}`)", flag)
+            if given and args.backend != name:
+                raise Cones2Error(f"is for --backend {name}, not {args.backend}", flag)
+            if given:
+                options[need] = given
         if getattr(args, "compile", False) and spec.kind != ATTENTION:
             raise Cones2Error(f"--backend {args.backend} runs its own compiled graphs; --compile applies to "
                               "the attention backends (reference, sdpa, triton)", "compile")

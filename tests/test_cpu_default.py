@@ -1,0 +1,95 @@
+"""The CPU default: ONNX Runtime on an export made on first use and cached per model (issue 11).
+
+Its numerics against the independent SPEC reference are in tests/test_engine_vs_reference.py (the
+`onnxruntime` rows); here: that it is the default, that the export is made once and found again,
+that the cache key follows the weights, and that a default which cannot start gives way to `sdpa`.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import cones2
+from ci_support import import_or_skip
+
+import_or_skip("onnxruntime", "the CPU default needs the export extra")
+import_or_skip("onnxscript", "the CPU default needs the export extra")
+
+from cones2.export import cache  # noqa: E402
+
+
+@pytest.fixture
+def unpinned(monkeypatch):
+    """The suite pins the default to sdpa (conftest); these tests look at the real default."""
+    monkeypatch.delenv("CONES2_BACKEND", raising=False)
+
+
+def _count_exports(monkeypatch) -> list:
+    """Record every export the cache starts (it imports `export_engine` when it needs one)."""
+    from cones2.export import onnx_export
+
+    calls, original = [], onnx_export.export_engine
+
+    def counting(engine, out_dir, **kw):
+        calls.append(out_dir)
+        return original(engine, out_dir, **kw)
+
+    monkeypatch.setattr(onnx_export, "export_engine", counting)
+    return calls
+
+
+def test_default_is_onnxruntime_exported_once_and_found_again(unpinned, tiny_model_dir, monkeypatch, caplog):
+    first = cones2.Engine.from_pretrained(tiny_model_dir)
+    assert (first.default_backend, first.backend_reason) == ("onnxruntime", "default on cpu")
+    folder = cache.cached_export_dir(first)
+    assert (folder / "manifest.json").is_file() and folder.parent == cones2.cache_root() / "onnx"
+
+    calls = _count_exports(monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        second = cones2.Engine.from_pretrained(tiny_model_dir)
+    assert second.default_backend == "onnxruntime" and calls == []          # the cached graphs, no export
+    assert "exporting" not in caplog.text
+
+    layout = cones2.Layout.from_boxes({"dog": (0.0, 0.0, 0.5, 1.0), "mug": (0.5, 0.2, 1.0, 0.9)})
+    kw = dict(seed=2, steps=3, height=64, width=128, progress=False)
+    got = second.generate("a dog and a mug", None, layout, **kw)
+    exact = second.generate("a dog and a mug", None, layout, backend="reference", **kw)
+    assert got.backend == "onnxruntime"
+    err = (got.latents - exact.latents).abs().max().item()
+    assert err <= 1e-4 * max(1.0, exact.latents.abs().max().item()), err
+
+
+def test_the_cache_key_follows_the_weights(tiny_model_dir):
+    engine = cones2.Engine.from_pretrained(tiny_model_dir, backend="sdpa")
+    before = cache.cached_export_dir(engine)
+    assert cache.cached_export_dir(engine) == before                       # stable
+    param = next(engine.unet.parameters())
+    with torch.no_grad():
+        param.view(-1)[0] += 1e-3
+    assert cache.cached_export_dir(engine) != before                       # a retrained model: a new export
+
+
+def test_a_default_that_cannot_start_gives_way_to_sdpa(unpinned, tiny_model_dir, monkeypatch, caplog):
+    def broken(engine, progress=None):
+        raise RuntimeError("exporter crashed\nlong trace")
+
+    monkeypatch.setattr(cache, "ensure_cached_export", broken)
+    with caplog.at_level(logging.WARNING, logger="cones2.engine"):
+        engine = cones2.Engine.from_pretrained(tiny_model_dir)
+    assert engine.default_backend == "sdpa"
+    assert "default backend onnxruntime could not start (RuntimeError: exporter crashed); using sdpa" in caplog.text
+
+
+def test_compile_picks_the_best_attention_backend(unpinned, tiny_model_dir):
+    engine = cones2.Engine.from_pretrained(tiny_model_dir, compile=True)
+    assert engine.default_backend == "sdpa"
+
+
+def test_the_cached_export_needs_a_cpu_fp32_engine(tiny_model_dir):
+    engine = cones2.Engine.from_pretrained(tiny_model_dir, dtype="bf16", backend="sdpa")
+    with pytest.raises(cones2.Cones2Error, match="backend_options.onnx_dir: the cached ONNX export is made from a "
+                                                 "CPU fp32 engine, this one is cpu bfloat16"):
+        cache.ensure_cached_export(engine)

@@ -93,3 +93,23 @@ def test_the_cached_export_needs_a_cpu_fp32_engine(tiny_model_dir):
     with pytest.raises(cones2.Cones2Error, match="backend_options.onnx_dir: the cached ONNX export is made from a "
                                                  "CPU fp32 engine, this one is cpu bfloat16"):
         cache.ensure_cached_export(engine)
+
+
+@pytest.mark.slow
+def test_two_processes_starting_at_once_export_once(tiny_model_dir, tmp_path):
+    """Service workers start together: the file lock lets one export while the other waits, then
+    both run the same cached graphs."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, sys, cones2; logging.basicConfig(level=logging.WARNING); "
+            "e = cones2.Engine.from_pretrained(sys.argv[1]); print('backend', e.default_backend)")
+    env = {k: v for k, v in os.environ.items() if k != "CONES2_BACKEND"} | {"CONES2_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert all("backend onnxruntime" in out for out, _ in outs)
+    assert sum("exporting" in err for _, err in outs) == 1, [err[-500:] for _, err in outs]
+    assert len([d for d in (tmp_path / "onnx").iterdir() if not d.name.startswith(".")]) == 1

@@ -16,18 +16,20 @@ def run(args) -> int:
     import torch
 
     from .. import __version__
-    from ..backends import backend_names
+    from ..backends import backend_names, select_backend
     from ..engine import Engine
     from ..residual import Residual
 
     residuals = {path: Residual.load(path, "--residual") for path in args.residual}   # bad files: before loading
-    engine = Engine.from_pretrained(args.model)
+    engine = Engine.from_pretrained(args.model, backend="reference")   # builds no runner (and exports nothing)
+    default, why = select_backend(engine.device, log_choice=False)
     size = engine.default_resolution
     facts = {
         "version": __version__, "model": engine.components.source, "model_id": engine.components.model_id,
         "text_dim": engine.text_dim, "prediction_type": engine.prediction_type, "default_resolution": size,
         "attention_levels": [f"{h}x{w}" for h, w in engine.level_shapes(size, size)],
-        "backends": backend_names(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
+        "backends": backend_names(), "default_backend": f"{default} ({why})", "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
         "residuals": {},
     }
     for path, r in residuals.items():

@@ -153,6 +153,7 @@ class Engine:
         fails, say), log why and take the next. `compile` limits the choice to attention backends."""
         kinds = (ATTENTION,) if self.compile else (ATTENTION, RUNNER)
         candidates = default_backends(self.device, kinds)
+        failed = []
         for k, (name, reason) in enumerate(candidates):
             try:
                 self._runners[name] = make_runner(name, self, compile=self.compile, **options)
@@ -161,9 +162,11 @@ class Engine:
                     raise
                 log.warning("default backend %s could not start (%s: %s); using %s", name, type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "", candidates[k + 1][0])
+                failed.append(name)
                 continue
-            self.default_backend, self.backend_reason = name, reason
-            log.info("backend %s: %s", name, reason)
+            self.default_backend = name
+            self.backend_reason = reason + (f" ({', '.join(failed)} could not start)" if failed else "")
+            log.info("backend %s: %s", name, self.backend_reason)
             return
 
     @classmethod

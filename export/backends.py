@@ -52,8 +52,9 @@ def _trt_unavailable(device: torch.device) -> str | None:
     return None
 
 
-# The CPU default (above sdpa's 10): 1.97x sdpa at 768 px and 2.8x on the demo model, same latents
-# within float rounding (docs/speed.md section 4). Without onnx_dir it exports once into the cache.
+# The CPU default (above sdpa's 10): measured in whole processes, 1.25x sdpa at steady state (1.07x
+# per process) on the 768-px case and 2.59x on the demo model, with the same latents within float
+# rounding (docs/speed.md section 4). Without onnx_dir it exports once into the cache.
 register(BackendSpec("onnxruntime", RUNNER, _ort_runner,
                      "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; onnx_dir, "
                      "or an export made on first use and cached per model",

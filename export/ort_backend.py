@@ -102,7 +102,8 @@ class OrtUNetRunner:
     `Rectification` with weights keyed by query count N (as the sampler builds them) or None.
     providers: ONNX Runtime execution providers (default: CUDA for a CUDA engine, else CPU);
     threads: intra-op threads (default on the CPU: torch's thread count, which `cones2.threads` sets
-    by the measured rule; ONNX Runtime's own default takes every core). Returns the prediction (B, C, h, w) on the engine's device in sample's dtype.
+    by the measured rule; ONNX Runtime's own default takes every core).
+    Returns the prediction (B, C, h, w) on the engine's device in sample's dtype.
     """
 
     name = "onnxruntime"

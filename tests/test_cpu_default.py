@@ -79,7 +79,7 @@ def test_a_default_that_cannot_start_gives_way_to_sdpa(unpinned, tiny_model_dir,
     monkeypatch.setattr(cache, "ensure_cached_export", broken)
     with caplog.at_level(logging.WARNING, logger="cones2.engine"):
         engine = cones2.Engine.from_pretrained(tiny_model_dir)
-    assert engine.default_backend == "sdpa"
+    assert (engine.default_backend, engine.backend_reason) == ("sdpa", "default on cpu (onnxruntime could not start)")
     assert "default backend onnxruntime could not start (RuntimeError: exporter crashed); using sdpa" in caplog.text
 
 

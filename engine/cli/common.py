@@ -20,7 +20,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "export cached per model)")
     p.add_argument("--trt", default=None, help="TensorRT engine directory, for --backend tensorrt")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (CUDA graphs on CUDA); composes with reference, sdpa and triton. "
+                   help="torch.compile the UNet (CUDA graphs on CUDA); composes with every attention backend "
+                        "(reference, sdpa, triton, xformers; without --backend the best of them). "
                         "The first generation at a new size compiles (minutes on a small CPU; docs/speed.md)")
 
 

@@ -52,9 +52,9 @@ def _trt_unavailable(device: torch.device) -> str | None:
     return None
 
 
-# The CPU default (above sdpa's 10): measured in whole processes, 1.25x sdpa at steady state (1.07x
-# per process) on the 768-px case and 2.59x on the demo model, with the same latents within float
-# rounding (docs/speed.md section 4). Without onnx_dir it exports once into the cache.
+# The CPU default (above sdpa's 10): measured in whole processes on the 768-px case, 1.73x sdpa per
+# generation (1.58x per process), and 2.67x on the demo model, with the same latents within float
+# rounding (docs/speed.md section 4). Without onnx_dir it exports once into the cache, attention fused.
 register(BackendSpec("onnxruntime", RUNNER, _ort_runner,
                      "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; onnx_dir, "
                      "or an export made on first use and cached per model",

@@ -35,7 +35,7 @@ def weights_fingerprint(engine) -> str:
     """sha256 of every parameter and buffer of the UNet, text encoder and VAE (names, shapes, dtypes
     and bytes) plus the versions that shape an export. About 1 s per GB of weights."""
     h = hashlib.sha256()
-    for part in (cones2.__version__, torch.__version__, f"opset-{onnx_export.DEFAULT_OPSET}", "fp32"):
+    for part in (cones2.__version__, torch.__version__, f"opset-{onnx_export.DEFAULT_OPSET}", "fp32", "ort-fusions"):
         h.update(part.encode() + b"\0")
     components = engine.components
     for label, module in (("unet", components.unet), ("text_encoder", components.text_encoder),
@@ -75,5 +75,6 @@ def ensure_cached_export(engine, progress: bool | None = None) -> Path:
         onnx_export._require_onnx()
         log.warning("exporting %s to ONNX for the CPU runtime, once (cached in %s; `--backend sdpa` skips this)",
                     engine.components.model_id, target)
-        onnx_export.export_engine(engine, target, progress=sys.stderr.isatty() if progress is None else progress)
+        onnx_export.export_engine(engine, target, progress=sys.stderr.isatty() if progress is None else progress,
+                                  ort_fusions=True)
     return target

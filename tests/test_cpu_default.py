@@ -45,6 +45,19 @@ def test_default_is_onnxruntime_exported_once_and_found_again(unpinned, tiny_mod
     assert (first.default_backend, first.backend_reason) == ("onnxruntime", "default on cpu")
     folder = cache.cached_export_dir(first)
     assert (folder / "manifest.json").is_file() and folder.parent == cones2.cache_root() / "onnx"
+    # the UNet's plain attention is fused into ONNX Runtime's MultiHeadAttention; TensorRT refuses it
+    import json
+
+    import onnx
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["onnxruntime_only"] is True and manifest["models"]["unet"]["ort_fusions"]
+    ops = {n.op_type for n in onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph.node}
+    assert "MultiHeadAttention" in ops and not any(p.name.startswith("unfused") for p in folder.iterdir())
+    from cones2.export.trt_build import build_engines
+
+    with pytest.raises(cones2.Cones2Error, match="^onnx: .* holds graphs fused for ONNX Runtime"):
+        build_engines(folder, folder.parent / "trt")
 
     calls = _count_exports(monkeypatch)
     caplog.clear()

@@ -19,6 +19,9 @@ def register(sub) -> None:
                    help="weights and activations (default: fp32); the layout rectification stays fp32 in the graph")
     o.add_argument("--static-shape", metavar="HxW", help="fix the output size in pixels (batch stays dynamic)")
     o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
+    o.add_argument("--ort-fusions", action="store_true",
+                   help="fuse the UNet's attention for ONNX Runtime (faster there; TensorRT then refuses the "
+                        "graphs); the CPU default's cached export is made this way")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(run=run_onnx)
@@ -43,7 +46,8 @@ def run_onnx(args) -> int:
     from cones2.export.onnx_export import export_onnx
 
     manifest = export_onnx(args.model, args.out, opset=args.opset, dtype=args.dtype, static_shape=args.static_shape,
-                           verify=not args.no_verify, progress=not args.no_progress, overwrite=args.overwrite)
+                           verify=not args.no_verify, progress=not args.no_progress, overwrite=args.overwrite,
+                           ort_fusions=args.ort_fusions)
     print(f"wrote {args.out}: {', '.join(e['file'] for e in manifest['models'].values())} + manifest.json "
           f"(model {manifest['model_id']}, opset {manifest['opset']}, {manifest['dtype']})")
     for name, entry in manifest["models"].items():

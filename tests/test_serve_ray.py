@@ -28,6 +28,10 @@ from cones2.serve.ray import (APP_NAME, ENGINE_DEPLOYMENT, REPLICA_METADATA, Eng
 from serve_support import make_residual  # noqa: E402
 
 SIZE, STEPS = 64, 3
+# The kill test's requests: a batch of 40 steps takes long next to the gap between two batches (the
+# network and the 50-ms batch wait), so the replica killed is mid-flight, not between batches (at 12
+# steps it was idle in some runs on a loaded machine).
+KILL_STEPS = 40
 SERVICE_NAME = "cones2.v1.Cones2Service"
 
 
@@ -349,7 +353,7 @@ def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine
         with Client(service.grpc_address, timeout=120) as c:
             for j in range(per_client):
                 rid = 1000 + 10 * k + j                  # the request id: also its seed
-                request = build_request("a dog and a mug", seed=rid, steps=12, width=SIZE, height=SIZE,
+                request = build_request("a dog and a mug", seed=rid, steps=KILL_STEPS, width=SIZE, height=SIZE,
                                         output="latents")
                 for attempt in range(8):
                     try:
@@ -389,7 +393,7 @@ def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine
     print(f"\nkill: {len(done)} requests answered once each; {len(codes)} UNAVAILABLE answers on "
           f"{len(failures)} requests, all retried successfully")
     for rid in sorted(failures)[:2]:   # a retried request's answer is the right image
-        want = _direct(tiny_engine, "a dog and a mug", seed=rid, steps=12, width=SIZE, height=SIZE)
+        want = _direct(tiny_engine, "a dog and a mug", seed=rid, steps=KILL_STEPS, width=SIZE, height=SIZE)
         assert (_latents(done[rid][0]) - want).abs().max().item() <= 1e-4
     # Ray Serve replaces the replica; the service keeps answering meanwhile and after
     end = time.monotonic() + 180

@@ -112,9 +112,13 @@ def default_backends(device: str | torch.device, kinds: tuple[str, ...] = (ATTEN
     pinned = os.environ.get(DEFAULT_ENV, "").strip()
     if pinned:
         try:
-            return [(select_backend(device, pinned, log_choice=False)[0], f"${DEFAULT_ENV}")]
+            name = select_backend(device, pinned, log_choice=False)[0]
         except Cones2Error as exc:
             raise Cones2Error(f"${DEFAULT_ENV}={pinned!r}: {str(exc).removeprefix('backend: ')}", "backend") from None
+        if get_spec(name).kind not in kinds:   # e.g. a pinned UNet runner where compile needs an attention backend
+            raise Cones2Error(f"${DEFAULT_ENV}={pinned!r} is a {get_spec(name).kind}; here only "
+                              f"{' or '.join(kinds)}s apply", "backend")
+        return [(name, f"${DEFAULT_ENV}")]
     candidates = sorted((s for s in specs() if device.type in s.default_on and not s.needs and s.kind in kinds),
                         key=lambda s: -s.priority)
     usable, passed_over = [], []

@@ -42,6 +42,10 @@ def test_the_environment_pins_the_default(monkeypatch):
     monkeypatch.setenv("CONES2_BACKEND", "reference")
     assert cones2.select_backend("cpu") == ("reference", "$CONES2_BACKEND")
     assert cones2.select_backend("cpu", "sdpa") == ("sdpa", "requested")   # a request still wins
+    monkeypatch.setenv("CONES2_BACKEND", "onnxruntime")   # compile takes attention backends only
+    with pytest.raises(cones2.Cones2Error, match=r"^backend: \$CONES2_BACKEND='onnxruntime' is a UNet runner; "
+                                                 r"here only attention backends apply"):
+        backends.default_backends("cpu", (ATTENTION,))
     monkeypatch.setenv("CONES2_BACKEND", "tensorrt")
     with pytest.raises(cones2.Cones2Error, match=r"^backend: \$CONES2_BACKEND='tensorrt': 'tensorrt' cannot run on cpu"):
         cones2.select_backend("cpu")

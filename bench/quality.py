@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cones2_train.demo_world.instances import templates_for
-from cones2_train.demo_world.metrics import (box_chance, eval_scene, layout_boxes, score_instance, score_scene,
-                                             summarize, summarize_instances)
+from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, layout_boxes, score_instance,
+                                             score_scene, summarize, summarize_instances)
 from cones2_train.demo_world.world import BACKGROUNDS, COLOURS, INSTANCES, Scene, Thing, instance_images, instance_scene
 
 # Two 26-px boxes 6 px apart: the world's object scale (14-26 px). Boxes of 29 x 38 px with a 1-px gap,
@@ -66,6 +66,10 @@ def parse_args(argv):
                    help="also score prompts that spell each instance out (\"a two-tone blue and yellow circle\")")
     p.add_argument("--guidance-steps", type=int, default=None, help="guided sampling steps (default: all)")
     p.add_argument("--strength", type=float, default=2.5, help="layout strength w+ of every subject")
+    p.add_argument("--layout-resize", choices=("aligned-corners", "cell-centres"), default="aligned-corners",
+                   help="how layouts reach the attention levels (SamplingConfig.layout_resize; default SPEC 3's)")
+    p.add_argument("--margin", type=int, default=LAYOUT_MARGIN,
+                   help=f"pixels added around each ground-truth box to make the layout box (default {LAYOUT_MARGIN})")
     p.add_argument("--quick", action="store_true",
                    help="small subset: counts 2,3; 3 prompts; 4 steps; 3 residual steps")
     p.add_argument("--oracle", action="store_true", help="score renders of the prompts' own scenes (no model)")
@@ -95,26 +99,25 @@ class ModelImages:
     """Generations of a loaded engine, many requests per sampling loop."""
 
     def __init__(self, engine, steps: int, cfg: float, batch: int, guidance_steps: int | None = None,
-                 strength: float = 2.5, mode: str = "paper-exact"):
-        self.engine, self.steps, self.cfg, self.batch = engine, steps, cfg, batch
-        self.guidance_steps, self.strength, self.mode = guidance_steps, strength, mode
+                 strength: float = 2.5, mode: str = "paper-exact", layout_resize: str = "aligned-corners"):
+        self.engine, self.batch, self.strength = engine, batch, strength
+        self.settings = dict(steps=steps, cfg_scale=cfg, mode=mode, guidance_steps=guidance_steps,
+                             layout_resize=layout_resize)
 
     def _layout(self, boxes):
         import cones2
 
         return cones2.Layout.from_boxes(boxes, strengths=self.strength) if boxes else None
 
-    def layout(self, jobs: list[tuple[Scene, int, bool]]):
-        """jobs: (prompt scene, seed, guided) -> images."""
-        reqs = [self.engine.request(s.caption, None, self._layout(layout_boxes(s)) if guided else None,
-                                    seed=seed, steps=self.steps, cfg_scale=self.cfg, mode=self.mode,
-                                    guidance_steps=self.guidance_steps) for s, seed, guided in jobs]
+    def layout(self, jobs: list[tuple[Scene, dict, int, bool]]):
+        """jobs: (prompt scene, layout boxes, seed, guided) -> images."""
+        reqs = [self.engine.request(s.caption, None, self._layout(boxes) if guided else None, seed=seed,
+                                    **self.settings) for s, boxes, seed, guided in jobs]
         return self._run(reqs)
 
     def prompts(self, jobs: list[tuple[str, dict, dict | None, int]]):
         """jobs: (prompt, residuals, boxes or None, seed) -> images."""
-        reqs = [self.engine.request(p, subjects, self._layout(boxes), seed=seed, steps=self.steps,
-                                    cfg_scale=self.cfg, guidance_steps=self.guidance_steps, mode=self.mode)
+        reqs = [self.engine.request(p, subjects, self._layout(boxes), seed=seed, **self.settings)
                 for p, subjects, boxes, seed in jobs]
         return self._run(reqs)
 
@@ -131,7 +134,7 @@ class OracleImages:
 
     def layout(self, jobs):
         out = []
-        for scene, seed, guided in jobs:
+        for scene, _boxes, seed, guided in jobs:
             if not guided:
                 other = eval_scene(10_000_000 + seed, len(scene.objects))
                 scene = Scene(tuple(Thing(o.kind, o.colour, b) for o, b in zip(scene.objects, other.boxes)),
@@ -164,16 +167,31 @@ def _pixel_box(box):
 
 
 # ---- the evaluations -------------------------------------------------------------------------------------
-def evaluate_layout(source, counts, prompts, progress=True) -> dict:
+SIZE_BUCKETS = ((14, 18), (19, 22), (23, 26))     # object side in pixels (the world draws 14-26)
+
+
+def fidelity_by_size(scenes, scores) -> dict:
+    """Caption fidelity per bucket of the object's ground-truth side: guidance squeezes objects the
+    model draws larger than their box, so its misses concentrate on small boxes."""
+    sides = [max(o.box[2] - o.box[0], o.box[3] - o.box[1]) for s in scenes for o in s.objects]
+    out = {}
+    for lo, hi in SIZE_BUCKETS:
+        hits = [sc.kind_ok for side, sc in zip(sides, scores) if lo <= side <= hi]
+        out[f"{lo}-{hi}px"] = {"objects": len(hits), "fidelity": float(np.mean(hits)) if hits else None}
+    return out
+
+
+def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT_MARGIN) -> dict:
     results = {}
     for n in counts:
         t0 = time.perf_counter()
         scenes = [eval_scene(i, n) for i in range(prompts)]
-        row = {"prompts": prompts, "chance": float(np.mean([box_chance(s, layout_boxes(s)) for s in scenes]))}
+        boxes = [layout_boxes(s, margin) for s in scenes]
+        row = {"prompts": prompts, "chance": float(np.mean([box_chance(s, b) for s, b in zip(scenes, boxes)]))}
         for guided in (False, True):
-            images = source.layout([(s, i, guided) for i, s in enumerate(scenes)])
-            scores = [x for s, im in zip(scenes, images) for x in score_scene(im, s, layout_boxes(s))]
-            row["guided" if guided else "unguided"] = summarize(scores)
+            images = source.layout([(s, b, i, guided) for i, (s, b) in enumerate(zip(scenes, boxes))])
+            scores = [x for s, b, im in zip(scenes, boxes, images) for x in score_scene(im, s, b)]
+            row["guided" if guided else "unguided"] = {**summarize(scores), "by_size": fidelity_by_size(scenes, scores)}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results[str(n)] = row
         if progress:
@@ -285,6 +303,17 @@ def format_tables(results: dict) -> str:
         u, g = row["unguided"], row["guided"]
         lines.append(f"| {n} | {row['prompts']} | {u['fidelity']:.3f} | {g['fidelity']:.3f} | {u['layout']:.3f} | "
                      f"{g['layout']:.3f} | {row['chance']:.3f} | {u['containment']:.3f} / {g['containment']:.3f} |")
+    misses = [f"{n} subject(s): " + "; ".join(
+        f"{label} " + (", ".join(f"{k} {v}" for k, v in row[key].get("misses", {}).items()) or "none")
+        for label, key in (("w/o", "unguided"), ("with", "guided"))) for n, row in results["layout"].items()]
+    if misses:
+        lines += ["", "fidelity misses (asked kind -> kind found in that colour):", *[f"- {m}" for m in misses]]
+        sizes = [f"{n} subject(s): " + "; ".join(
+            f"{b} {row['unguided']['by_size'][b]['fidelity']:.2f} / {row['guided']['by_size'][b]['fidelity']:.2f}"
+            f" ({row['guided']['by_size'][b]['objects']})"
+            for b in row["guided"].get("by_size", {}) if row["guided"]["by_size"][b]["objects"])
+            for n, row in results["layout"].items()]
+        lines += ["", "fidelity w/o / with guidance by object side (objects):", *[f"- {x}" for x in sizes]]
     res = results.get("residuals")
     if res:
         lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with "
@@ -325,11 +354,11 @@ def main(argv=None) -> int:
 
         engine = cones2.Engine.from_pretrained(args.model)
         source = ModelImages(engine, args.steps, args.cfg, args.batch, args.guidance_steps, args.strength,
-                             mode=args.mode)
+                             mode=args.mode, layout_resize=args.layout_resize)
     t0 = time.perf_counter()
     results = {"model": "oracle" if args.oracle else (args.model or "embedded default"),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
-               "layout": evaluate_layout(source, args.counts, args.prompts, not args.no_progress)}
+               "layout": evaluate_layout(source, args.counts, args.prompts, not args.no_progress, args.margin)}
     if not args.no_residuals:
         with tempfile.TemporaryDirectory() as tmp:
             results["residuals"] = evaluate_residuals(source, engine, args, Path(tmp))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from . import limits
 from .errors import Cones2Error, quote
-from .limits import MAX_SIDE, MAX_STEPS  # noqa: F401 (re-exported)
+from .limits import LAYOUT_RESIZES, MAX_SIDE, MAX_STEPS  # noqa: F401 (re-exported)
 from .modes import MODES as _MODE_DEFAULTS
 
 MODES = ("paper-exact", "fast")
@@ -28,6 +28,9 @@ class SamplingConfig:
     multiples of 64 in [64, 4096]. seed: in [0, 2**63 - 1].
     mode: "paper-exact" (SPEC 4: Euler, CPU noise stream) or "fast" (DPM-Solver++ 2M, noise drawn
     on the device; `cones2.modes`, docs/speed.md).
+    layout_resize: how the layout's maps reach each attention level: "aligned-corners" (SPEC 3, the
+    default in every mode) or "cell-centres" (each latent cell takes the map at its own centre; an
+    opt-in deviation for small latent grids, `cones2.limits.LAYOUT_RESIZES`, docs/layout.md).
     """
 
     height: int = 768
@@ -39,11 +42,15 @@ class SamplingConfig:
     negative_weight: float = -1e8
     seed: int = 0
     mode: str = "paper-exact"
+    layout_resize: str = "aligned-corners"
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         if self.mode not in MODES:
             raise Cones2Error(f"must be one of {', '.join(MODES)}, got {quote(self.mode)}", "mode")
+        if self.layout_resize not in LAYOUT_RESIZES:
+            raise Cones2Error(f"must be one of {', '.join(LAYOUT_RESIZES)}, got {quote(self.layout_resize)}",
+                              "layout_resize")
         mode = _MODE_DEFAULTS[self.mode]
         steps = mode.default_steps if self.steps is None else self.steps
         put("steps", limits.integer(steps, "steps", 1, MAX_STEPS))

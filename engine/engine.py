@@ -95,7 +95,7 @@ class Generation:
         c = self.request.config
         return {"prompt": self.request.prompt, "seed": c.seed, "steps": c.steps, "guidance_steps": c.guidance_steps,
                 "guidance_weight": c.guidance_weight, "cfg_scale": c.cfg_scale, "negative_weight": c.negative_weight,
-                "height": c.height, "width": c.width, "mode": c.mode,
+                "height": c.height, "width": c.width, "mode": c.mode, "layout_resize": c.layout_resize,
                 "subjects": {t.name: list(t.residual_starts) for t in self.subject_tokens if t.name in self.request.subjects},
                 "layout": repr(self.request.layout) if self.request.layout else None,
                 "model": self.model_id, "backend": self.backend}
@@ -292,7 +292,7 @@ class Engine:
                  seed: int = 0, steps: int | None = None, guidance_steps: int | None = None,
                  guidance_weight: float = 0.08, cfg_scale: float = 7.5, negative_weight: float = -1e8,
                  height: int | None = None, width: int | None = None, mode: str = "paper-exact",
-                 backend: str | None = None,
+                 layout_resize: str = "aligned-corners", backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
@@ -301,12 +301,14 @@ class Engine:
         subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
         subject words. mode: "paper-exact" (SPEC 4) or "fast" (DPM-Solver++ 2M, docs/speed.md).
         steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 20
-        steps, the first 60% guided).
+        steps, the first 60% guided). layout_resize: "aligned-corners" (SPEC 3) or "cell-centres"
+        (opt-in, for small latent grids; `SamplingConfig`).
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
         """
         req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
                            seed=seed, steps=steps, guidance_steps=guidance_steps, guidance_weight=guidance_weight,
-                           cfg_scale=cfg_scale, negative_weight=negative_weight, mode=mode)
+                           cfg_scale=cfg_scale, negative_weight=negative_weight, mode=mode,
+                           layout_resize=layout_resize)
         return self.generate_batch([req], backend=backend, progress=progress, on_step=on_step,
                                    should_stop=should_stop)[0]
 
@@ -388,7 +390,7 @@ class Engine:
             c = req.config
             weights = req.layout.weight_maps({n: t.word_positions for n, t in tokens.items()}, c.height, c.width,
                                              self.level_shapes(c.height, c.width), c.negative_weight, SEQ_LEN,
-                                             self.device)
+                                             self.device, resize=c.layout_resize)
         return _Prepared(cond, uncond, weights, list(tokens.values()))
 
     def _batch_inputs(self, requests: list[GenerationRequest], prepared: list[_Prepared]) -> BatchInputs:

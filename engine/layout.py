@@ -5,6 +5,7 @@ flat-colour image with a colour -> (subject, strength) table. `weight_maps` turn
 W[pixel, token] for every attention resolution, exactly as the SPEC says: each subject's
 {w+ inside, w- outside} map at the output image's size, resized *directly* to each level
 (bilinear, aligned corners), flattened row-major, added at the subject's token positions.
+`resize="cell-centres"` is the one opt-in deviation (LAYOUT_RESIZES).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from . import limits
 from .errors import Cones2Error, quote
+from .limits import LAYOUT_RESIZES
 
 DEFAULT_STRENGTH = 2.5
 
@@ -164,12 +166,14 @@ class Layout:
 
     def weight_maps(self, subject_positions: Mapping[str, Sequence[int]], height: int, width: int,
                     level_shapes: Sequence[tuple[int, int]], negative_weight: float, seq_len: int = 77,
-                    device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+                    device: torch.device | str = "cpu", resize: str = "aligned-corners") -> dict[int, torch.Tensor]:
         """W (h*w, seq_len) float32 for each level (h, w), keyed by h*w (SPEC 3).
 
         subject_positions: every token position of every occurrence of each subject's word.
-        Tokens of no subject get 0; coinciding subjects' maps add.
+        Tokens of no subject get 0; coinciding subjects' maps add. resize: one of LAYOUT_RESIZES.
         """
+        if resize not in LAYOUT_RESIZES:
+            raise Cones2Error(f"must be one of {', '.join(LAYOUT_RESIZES)}, got {quote(resize)}", "layout_resize")
         names, full = [], []
         for name, region in self.regions.items():
             if not list(subject_positions.get(name, ())):
@@ -180,7 +184,8 @@ class Layout:
         full_maps = torch.stack(full)[None].to(device)              # (1, J, H, W)
         maps = {}
         for h, w in level_shapes:
-            level = F.interpolate(full_maps, size=(h, w), mode="bilinear", align_corners=True)[0]
+            level = F.interpolate(full_maps, size=(h, w), mode="bilinear",
+                                  align_corners=resize == "aligned-corners")[0]
             per_subject = level.reshape(len(names), h * w)           # (J, h*w), row-major pixels
             W = torch.zeros(h * w, seq_len, dtype=torch.float32, device=device)
             for j, name in enumerate(names):                          # coinciding subjects' maps add

@@ -27,6 +27,14 @@ MAX_SIDE = 4096                     # output pixels per side
 MAX_NAME_CHARS = 100                # a subject word
 MAX_POSITIONS = 75                  # explicit token positions per subject: the 75 non-special slots
 
+# Layout resize rules: how a full-size layout map becomes an attention level's h x w.
+# "aligned-corners" is SPEC 3 (the reference): level cell i samples the map at pixel
+# i * (H - 1) / (h - 1), which drifts up to half a cell from the cell's centre, outwards towards the
+# image border. "cell-centres" samples at the centre of the pixels the cell covers,
+# (i + 0.5) * H / h - 0.5 (`align_corners=False`). On a small latent grid the drift pushes masks off
+# their boxes and squeezes objects (bench/results/quality.md section 4).
+LAYOUT_RESIZES = ("aligned-corners", "cell-centres")
+
 
 def number(value, field: str, bounds: tuple[float, float]) -> float:
     """`value` as a float in [low, high] (so finite, and finite in float32); else a Cones2Error."""

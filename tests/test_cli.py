@@ -81,6 +81,14 @@ def test_reference_config_matches_spec_reference(tmp_path, tiny_model_dir):
     assert Image.open(out.with_suffix(".preview.png")).size == (256, 256)  # small images are enlarged
 
 
+def test_layout_resize_flag_reaches_the_image_metadata(tmp_path, tiny_model_dir):
+    out = tmp_path / "c.png"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a dog", "--box", "dog=0.1,0.1,0.6,0.6",
+                 "--resolution", "64", "--steps", "1", "--layout-resize", "cell-centres", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads(Image.open(out).text["cones2"])["layout_resize"] == "cell-centres"
+
+
 BAD = [
     (["--prompt", "a dog", "--box", "dog=0,0,2,1"], "layout.boxes.dog"),
     (["--prompt", "a dog", "--box", "dog=0.5,0,0.2,1"], "inverted"),

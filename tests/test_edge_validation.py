@@ -68,6 +68,7 @@ def test_documented_defaults_and_reference_values_are_valid():
     ({"width": 8192}, "width", "must be in [64, 4096], got 8192"),
     ({"seed": -1}, "seed", "must be in [0, 9223372036854775807], got -1"),
     ({"mode": HUGE}, "mode", "must be one of paper-exact, fast, got 'xxxxx"),
+    ({"layout_resize": HUGE}, "layout_resize", "must be one of aligned-corners, cell-centres, got 'xxxxx"),
 ])
 def test_sampling_integers_and_mode(kwargs, field, message):
     err = _error(SamplingConfig, **kwargs)

@@ -431,3 +431,22 @@ def test_client_command_checks_its_output_before_calling_the_server(tmp_path, ca
     assert main([*nowhere, "--out", str(tmp_path / "x.jpg")]) == 2
     assert "error: out: must end in .png or .safetensors" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_layout_resize_travels_from_the_client_to_the_sampling_config(tiny_engine, tmp_path):
+    """The wire enum maps to SamplingConfig.layout_resize; unset is SPEC 3's aligned-corners."""
+    from cones2.serve.client import build_request
+    from cones2.serve.residual_store import ResidualStore
+    from cones2.serve.validation import Limits, validate
+
+    store = ResidualStore(tmp_path, text_dim=32)
+    boxes = {"dog": (0.1, 0.1, 0.6, 0.6)}
+    got = {rule: validate(build_request("a dog", boxes=boxes, layout_resize=rule), tiny_engine, store,
+                          Limits()).request.config.layout_resize for rule in (None, "aligned-corners", "cell-centres")}
+    assert got == {None: "aligned-corners", "aligned-corners": "aligned-corners", "cell-centres": "cell-centres"}
+    with pytest.raises(cones2.Cones2Error, match="layout_resize"):
+        build_request("a dog", boxes=boxes, layout_resize="area")
+    msg = build_request("a dog", boxes=boxes)
+    msg.layout_resize = 7                                    # an enum value this server does not know
+    with pytest.raises(cones2.Cones2Error, match="layout_resize: unknown layout resize rule 7"):
+        validate(msg, tiny_engine, store, Limits())

@@ -90,6 +90,75 @@ def test_weight_maps_match_reference(tokenizer, height, width):
         torch.testing.assert_close(ours[h * w], expected, rtol=0, atol=0)
 
 
+def _sample_at_cell_centres(full: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Reference for layout_resize="cell-centres", written out in numpy: cell (i, j) of an h x w level
+    takes the bilinear value of the full map at the centre of the pixels it covers,
+    y = (i + 0.5) * H / h - 0.5 (clamped to the image), and likewise x."""
+    H, W = full.shape
+    out = np.empty((h, w), np.float64)
+    for i in range(h):
+        y = min(max((i + 0.5) * H / h - 0.5, 0.0), H - 1.0)
+        y0 = int(np.floor(y)); y1 = min(y0 + 1, H - 1); fy = y - y0
+        for j in range(w):
+            x = min(max((j + 0.5) * W / w - 0.5, 0.0), W - 1.0)
+            x0 = int(np.floor(x)); x1 = min(x0 + 1, W - 1); fx = x - x0
+            top = full[y0, x0] * (1 - fx) + full[y0, x1] * fx
+            bottom = full[y1, x0] * (1 - fx) + full[y1, x1] * fx
+            out[i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (192, 128)])
+def test_cell_centres_maps_sample_each_cell_at_its_centre(tokenizer, height, width):
+    boxes = {"dog": (0.1, 0.2, 0.45, 0.9), "teddybear": (0.5, 0.05, 0.97, 0.6)}
+    strengths = {"dog": 2.5, "teddybear": 1.75}
+    layout = cones2.Layout.from_boxes(boxes, strengths)
+    masks = layout.masks(height, width)
+    levels = [(height // 8 >> i, width // 8 >> i) for i in range(3)]
+    positions = {"dog": [2, 9], "teddybear": [5]}
+    ours = layout.weight_maps(positions, height, width, levels, -1e8, resize="cell-centres")
+    for h, w in levels:
+        for word, cols in positions.items():
+            full = np.where(masks[word].numpy(), strengths[word], -1e8)
+            expected = _sample_at_cell_centres(full, h, w).reshape(-1)
+            for c in cols:
+                np.testing.assert_allclose(ours[h * w][:, c].double().numpy(), expected, rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cell_centres_differs_from_the_spec_rule_only_at_region_edges(seed):
+    """The deviation bound of the opt-in rule: a level cell is masked differently from SPEC 3's
+    aligned-corners rule only if its pixels lie within one cell of the region's edge, and the
+    rules agree on every cell deep inside or far outside."""
+    rng = np.random.default_rng(seed)
+    x0, y0 = rng.uniform(0, 0.6, 2)
+    box = (x0, y0, x0 + rng.uniform(0.15, 0.4), y0 + rng.uniform(0.15, 0.4))
+    layout = cones2.Layout.from_boxes({"dog": box})
+    size = 128
+    for h in (16, 8, 4):
+        spec_rule = layout.weight_maps({"dog": [2]}, size, size, [(h, h)], -1e8)[h * h][:, 2] > -1e4
+        centres = layout.weight_maps({"dog": [2]}, size, size, [(h, h)], -1e8, resize="cell-centres")[h * h][:, 2] > -1e4
+        cell = size / h
+        ij = np.stack(np.meshgrid(np.arange(h), np.arange(h), indexing="ij"), -1).reshape(-1, 2)
+        lo, hi = ij * cell, (ij + 1) * cell                        # each cell's pixel span (rows, cols)
+        bx0, by0, bx1, by1 = (v * size for v in box)
+        near_edge = np.zeros(len(ij), bool)
+        for edge_lo, edge_hi, axis in ((by0, by1, 0), (bx0, bx1, 1)):
+            for e in (edge_lo, edge_hi):
+                near_edge |= (lo[:, axis] - cell <= e) & (e <= hi[:, axis] + cell)
+        differs = (spec_rule != centres).numpy()
+        assert not (differs & ~near_edge).any(), f"level {h}: cells away from the box edge changed"
+        deep = ((lo[:, 0] >= by0 + cell) & (hi[:, 0] <= by1 - cell) & (lo[:, 1] >= bx0 + cell) & (hi[:, 1] <= bx1 - cell))
+        assert centres.numpy()[deep].all() and spec_rule.numpy()[deep].all()
+
+
+def test_unknown_layout_resize_is_named():
+    with pytest.raises(cones2.Cones2Error, match="layout_resize"):
+        cones2.Layout.from_boxes({"dog": (0, 0, 1, 1)}).weight_maps({"dog": [2]}, 64, 64, [(8, 8)], -1e8, resize="area")
+    with pytest.raises(cones2.Cones2Error, match="layout_resize"):
+        cones2.SamplingConfig(layout_resize="nearest")
+
+
 def test_box_rasterisation():
     m = cones2.Layout.from_boxes({"a": (0.25, 0.5, 0.75, 1.0)}).masks(64, 128)["a"]
     assert m.shape == (64, 128) and m.sum() == 32 * 64

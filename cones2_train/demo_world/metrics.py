@@ -9,6 +9,7 @@ Evaluation prompts come from a world stream disjoint from the training data (`EV
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,7 +41,8 @@ def layout_boxes(scene: Scene, margin: int = LAYOUT_MARGIN) -> dict[str, tuple[f
 class ObjectScore:
     """One named object in one image: present (its colour found), kind_ok (found with the right
     kind), in_box (the found region's centre inside the assigned box), inside (the share of the
-    found region's pixels inside the box; None when not found)."""
+    found region's pixels inside the box; None when not found), found_kind (the kind the detector
+    gave the region; None when not found)."""
 
     colour: str
     kind: str
@@ -48,6 +50,7 @@ class ObjectScore:
     kind_ok: bool
     in_box: bool
     inside: float | None = None
+    found_kind: str | None = None
 
 
 def score_scene(image, scene: Scene, boxes: dict[str, tuple[float, float, float, float]]) -> list[ObjectScore]:
@@ -64,7 +67,7 @@ def score_scene(image, scene: Scene, boxes: dict[str, tuple[float, float, float,
             in_box = x0 * w <= cx <= x1 * w and y0 * h <= cy <= y1 * h
             inside = containment(hit[1], boxes[o.kind])
         scores.append(ObjectScore(o.colour, o.kind, found is not None, found is not None and found.kind == o.kind,
-                                  in_box, inside))
+                                  in_box, inside, None if found is None else found.kind))
     return scores
 
 
@@ -78,14 +81,16 @@ def containment(region: np.ndarray, box: tuple[float, float, float, float]) -> f
     return float((region & in_box).sum() / max(1, region.sum()))
 
 
-def summarize(scores: list[ObjectScore]) -> dict[str, float]:
+def summarize(scores: list[ObjectScore]) -> dict:
     """Fractions over objects: present, caption fidelity (colour and kind), layout accuracy; and
-    containment, the mean share of a found object's pixels inside its box (over found objects)."""
+    containment, the mean share of a found object's pixels inside its box (over found objects);
+    misses: how each fidelity miss happened, "asked->found" ("square->circle", "star->none")."""
     n = max(1, len(scores))
     inside = [s.inside for s in scores if s.inside is not None]
+    misses = Counter(f"{s.kind}->{s.found_kind or 'none'}" for s in scores if not s.kind_ok)
     return {"objects": len(scores), "present": sum(s.present for s in scores) / n,
             "fidelity": sum(s.kind_ok for s in scores) / n, "layout": sum(s.in_box for s in scores) / n,
-            "containment": float(np.mean(inside)) if inside else 0.0}
+            "containment": float(np.mean(inside)) if inside else 0.0, "misses": dict(misses.most_common())}
 
 
 def box_chance(scene: Scene, boxes) -> float:

@@ -47,6 +47,7 @@ def register(sub) -> None:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--mode", choices=["paper-exact", "fast"])
+    g.add_argument("--layout-resize", choices=["aligned-corners", "cell-centres"])
     g.add_argument("--out", default="out.png", help="where to write: .png, or .safetensors for raw latents")
     g.add_argument("--stream", action="store_true", help="use GenerateStream and print progress")
     g.set_defaults(run=run_generate)
@@ -107,7 +108,7 @@ def run_generate(args) -> int:
         color_map=args.color_map, color_table=table, seed=args.seed, steps=args.steps,
         guidance_steps=args.guidance_steps, guidance_weight=args.guidance_weight, cfg_scale=args.cfg,
         negative_weight=args.negative_weight, width=args.width or args.resolution,
-        height=args.height or args.resolution, mode=args.mode, output=output)
+        height=args.height or args.resolution, mode=args.mode, layout_resize=args.layout_resize, output=output)
 
     def go(client) -> int:
         if args.stream:

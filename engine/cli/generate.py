@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--mode", choices=["paper-exact", "fast"], default="paper-exact",
                    help="paper-exact: SPEC 4's Euler sampler; fast: DPM-Solver++ 2M (docs/speed.md)")
+    p.add_argument("--layout-resize", choices=["aligned-corners", "cell-centres"], default=None,
+                   help="how the layout reaches each attention level: aligned-corners (SPEC 3, default) or "
+                        "cell-centres (for small latent grids; docs/layout.md)")
     p.add_argument("--out", default="out.png", help="PNG to write")
     p.add_argument("--save-latents", metavar="FILE.safetensors", help="also write final latents and cond embeddings")
     p.add_argument("--preview", action="store_true", help="also write OUT.preview.png with the layout drawn over it")
@@ -108,7 +111,8 @@ def _outputs(args, request: GenerationRequest) -> dict[str, Path]:
 def _flag_settings(args) -> dict:
     """SamplingConfig fields given as flags."""
     flags = (("seed", "seed"), ("steps", "steps"), ("guidance_steps", "guidance_steps"),
-             ("guidance_weight", "guidance_weight"), ("cfg", "cfg_scale"), ("negative_weight", "negative_weight"))
+             ("guidance_weight", "guidance_weight"), ("cfg", "cfg_scale"), ("negative_weight", "negative_weight"),
+             ("layout_resize", "layout_resize"))
     return {key: getattr(args, flag) for flag, key in flags if getattr(args, flag) is not None}
 
 

@@ -84,8 +84,8 @@ def build_request(prompt: str, subjects: Mapping[str, SubjectValue] | None = Non
                   subject_positions: Mapping[str, Sequence[int]] | None = None, seed: int | None = None,
                   steps: int | None = None, guidance_steps: int | None = None, guidance_weight: float | None = None,
                   cfg_scale: float | None = None, negative_weight: float | None = None, width: int | None = None,
-                  height: int | None = None, mode: str | None = None, output: str = "png",
-                  preview_every: int = 0) -> pb.GenerateRequest:
+                  height: int | None = None, mode: str | None = None, layout_resize: str | None = None,
+                  output: str = "png", preview_every: int = 0) -> pb.GenerateRequest:
     """A GenerateRequest from Python values (unset values take the server's defaults).
 
     subjects: word -> a `Residual`, safetensors bytes, a registered id, or a local residual file
@@ -121,6 +121,11 @@ def build_request(prompt: str, subjects: Mapping[str, SubjectValue] | None = Non
         if mode not in modes:
             raise Cones2Error(f"must be one of {', '.join(modes)}, got {mode!r}", "mode")
         req.mode = modes[mode]
+    if layout_resize is not None:
+        resizes = {"aligned-corners": pb.LAYOUT_RESIZE_ALIGNED_CORNERS, "cell-centres": pb.LAYOUT_RESIZE_CELL_CENTRES}
+        if layout_resize not in resizes:
+            raise Cones2Error(f"must be one of {', '.join(resizes)}, got {layout_resize!r}", "layout_resize")
+        req.layout_resize = resizes[layout_resize]
     formats = {"png": pb.OUTPUT_FORMAT_PNG, "latents": pb.OUTPUT_FORMAT_LATENTS}
     if output not in formats:
         raise Cones2Error(f"must be 'png' or 'latents', got {output!r}", "output")

@@ -18,12 +18,21 @@ class SamplingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLING_MODE_UNSPECIFIED: _ClassVar[SamplingMode]
     SAMPLING_MODE_PAPER_EXACT: _ClassVar[SamplingMode]
     SAMPLING_MODE_FAST: _ClassVar[SamplingMode]
+
+class LayoutResize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYOUT_RESIZE_UNSPECIFIED: _ClassVar[LayoutResize]
+    LAYOUT_RESIZE_ALIGNED_CORNERS: _ClassVar[LayoutResize]
+    LAYOUT_RESIZE_CELL_CENTRES: _ClassVar[LayoutResize]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_LATENTS: OutputFormat
 SAMPLING_MODE_UNSPECIFIED: SamplingMode
 SAMPLING_MODE_PAPER_EXACT: SamplingMode
 SAMPLING_MODE_FAST: SamplingMode
+LAYOUT_RESIZE_UNSPECIFIED: LayoutResize
+LAYOUT_RESIZE_ALIGNED_CORNERS: LayoutResize
+LAYOUT_RESIZE_CELL_CENTRES: LayoutResize
 
 class Subject(_message.Message):
     __slots__ = ("name", "residual_id", "residual_safetensors", "positions")
@@ -80,7 +89,7 @@ class Layout(_message.Message):
     def __init__(self, boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., color_map: _Optional[_Union[ColorMap, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "subjects", "layout", "seed", "steps", "guidance_steps", "guidance_weight", "cfg_scale", "negative_weight", "width", "height", "output_format", "mode", "preview_every")
+    __slots__ = ("prompt", "subjects", "layout", "seed", "steps", "guidance_steps", "guidance_weight", "cfg_scale", "negative_weight", "width", "height", "output_format", "mode", "preview_every", "layout_resize")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +104,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_RESIZE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     subjects: _containers.RepeatedCompositeFieldContainer[Subject]
     layout: Layout
@@ -109,7 +119,8 @@ class GenerateRequest(_message.Message):
     output_format: OutputFormat
     mode: SamplingMode
     preview_every: int
-    def __init__(self, prompt: _Optional[str] = ..., subjects: _Optional[_Iterable[_Union[Subject, _Mapping]]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_steps: _Optional[int] = ..., guidance_weight: _Optional[float] = ..., cfg_scale: _Optional[float] = ..., negative_weight: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., mode: _Optional[_Union[SamplingMode, str]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    layout_resize: LayoutResize
+    def __init__(self, prompt: _Optional[str] = ..., subjects: _Optional[_Iterable[_Union[Subject, _Mapping]]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_steps: _Optional[int] = ..., guidance_weight: _Optional[float] = ..., cfg_scale: _Optional[float] = ..., negative_weight: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., mode: _Optional[_Union[SamplingMode, str]] = ..., preview_every: _Optional[int] = ..., layout_resize: _Optional[_Union[LayoutResize, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("image", "latents", "seed", "timings", "engine_version", "model_id", "backend", "batch_size", "width", "height")

@@ -67,6 +67,8 @@ class ValidatedRequest:
 _FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_LATENTS: "latents"}
 _MODES = {pb.SAMPLING_MODE_UNSPECIFIED: "paper-exact", pb.SAMPLING_MODE_PAPER_EXACT: "paper-exact",
           pb.SAMPLING_MODE_FAST: "fast"}
+_RESIZES = {pb.LAYOUT_RESIZE_UNSPECIFIED: "aligned-corners", pb.LAYOUT_RESIZE_ALIGNED_CORNERS: "aligned-corners",
+            pb.LAYOUT_RESIZE_CELL_CENTRES: "cell-centres"}
 
 
 def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limits) -> ValidatedRequest:
@@ -75,6 +77,8 @@ def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limi
         raise Cones2Error(f"unknown output format {msg.output_format}", "output_format")
     if msg.mode not in _MODES:
         raise Cones2Error(f"unknown sampling mode {msg.mode}", "mode")
+    if msg.layout_resize not in _RESIZES:
+        raise Cones2Error(f"unknown layout resize rule {msg.layout_resize}", "layout_resize")
     if msg.preview_every < 0:
         raise Cones2Error(f"must be >= 0, got {msg.preview_every}", "preview_every")
     _check_shape(msg, limits)
@@ -124,6 +128,7 @@ def _config(msg: pb.GenerateRequest, engine, limits: Limits) -> SamplingConfig:
             settings[name] = getattr(msg, name)
     settings["seed"] = msg.seed if msg.HasField("seed") else secrets.randbelow(2**63)
     settings["mode"] = _MODES[msg.mode]
+    settings["layout_resize"] = _RESIZES[msg.layout_resize]
     return SamplingConfig(**settings)
 
 

@@ -284,6 +284,26 @@ def test_smoke_training_writes_a_model_the_engine_loads(smoke_run):
     assert g.image.size == (64, 64) and torch.isfinite(g.latents).all()
 
 
+def test_a_16x16_latent_recipe_trains_grounds_and_samples(tmp_path):
+    """`--latent 16` (3 VAE blocks): the engine sees 16x16 latents and levels 16/8/4, and the grounding
+    losses are recorded on the two cross-attention levels of that grid."""
+    import cones2
+    from cones2_train.demo_world.train import main
+
+    torch.set_num_threads(1)
+    assert main(["--out", str(tmp_path), "--smoke", "--latent", "16", "--no-progress"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    unet = [e for e in log if e.get("stage") == "unet"]
+    assert unet and all(e["token"] > 0 and e["pixel"] > 0 for e in unet)
+    recipe = json.loads((tmp_path / "model" / "recipe.json").read_text())["recipe"]
+    assert len(recipe["vae_channels"]) == 3
+    engine = cones2.Engine.from_pretrained(tmp_path / "model", backend="sdpa")
+    assert engine.vae_scale == 4 and engine.level_shapes(64, 64) == [(16, 16), (8, 8), (4, 4)]
+    layout = cones2.Layout.from_boxes({"star": (0, 0, 0.5, 0.5)})
+    g = engine.generate("a red star on a sand background", layout=layout, steps=2, progress=False)
+    assert tuple(g.latents.shape) == (1, 4, 16, 16) and g.image.size == (64, 64)
+
+
 def test_full_recipe_fits_the_size_budget():
     from cones2_train.demo_world import models
     from cones2_train.demo_world.recipe import Recipe

@@ -1,9 +1,10 @@
 """Build the demo model's networks from a `Recipe`, and write them as the diffusers directory the
 engine loads (fp16 safetensors; the conventions of `cones2.default_model`).
 
-The classes are the ones Stable Diffusion 2.x uses: AutoencoderKL (4 blocks: 64 px -> 8x8 latents),
-CLIPTextModel with the real CLIP BPE tokenizer (pads with "!"), UNet2DConditionModel with
-cross-attention at the 8x8 and 4x4 levels and in the mid block, an Euler scheduler on SD's betas.
+The classes are the ones Stable Diffusion 2.x uses: AutoencoderKL (4 blocks: 64 px -> 8x8 latents;
+3 blocks: 16x16), CLIPTextModel with the real CLIP BPE tokenizer (pads with "!"),
+UNet2DConditionModel with cross-attention at the latent size, at its half and in the mid block, an
+Euler scheduler on SD's betas.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def build_vae(recipe: Recipe):
     torch.manual_seed(recipe.seed)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=recipe.latent_channels, layers_per_block=1,
                          norm_num_groups=8, block_out_channels=tuple(recipe.vae_channels), sample_size=IMAGE_SIZE,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+                         down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels))
 
 
 def build_text_encoder(recipe: Recipe, tokenizer):
@@ -56,7 +58,7 @@ def build_unet(recipe: Recipe):
     torch.manual_seed(recipe.seed + 2)
     ch = tuple(recipe.unet_channels)
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 8, in_channels=recipe.latent_channels, out_channels=recipe.latent_channels,
+        sample_size=recipe.latent_size, in_channels=recipe.latent_channels, out_channels=recipe.latent_channels,
         layers_per_block=1, block_out_channels=ch, norm_num_groups=min(32, ch[0] // 2),
         cross_attention_dim=recipe.text_width, attention_head_dim=tuple(recipe.unet_heads), use_linear_projection=True,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from cones2 import Cones2Error
 
-from .world import WorldConfig
+from .world import IMAGE_SIZE, WorldConfig
 
 STAGES = ("vae", "text", "unet")
 DEMO_VERSION = "demo-world-v1"
@@ -22,17 +22,18 @@ DEMO_VERSION = "demo-world-v1"
 class Recipe:
     """Settings of a demo-model training run.
 
-    Architecture: `vae_channels` (4 blocks: 64 px -> 8x8 latents), `latent_channels`; `text_width`,
-    `text_layers`, `text_heads` of the CLIP text encoder (full 49408-token CLIP vocabulary);
-    `unet_channels` (3 levels: 8x8 and 4x4 with cross-attention, 2x2 without; the mid block has it),
-    `unet_heads` (attention heads per level).
+    Architecture: `vae_channels` (one VAE block per entry: 4 blocks take 64 px to 8x8 latents, 3
+    blocks to 16x16, `latent_size`), `latent_channels`; `text_width`, `text_layers`, `text_heads` of
+    the CLIP text encoder (full 49408-token CLIP vocabulary); `unet_channels` (3 levels: the latent
+    size and its half with cross-attention, its quarter without; the mid block has it), `unet_heads`
+    (attention heads per level).
 
     Stages, each with steps, batch size and peak learning rate: vae (reconstruction L1 on
     object-weighted pixels + KL; the latent scaling factor is measured on `scale_samples` held-out
     scenes); text (a warm-up that teaches the causal encoder to carry each object's colour and
     pattern on its kind word); unet (text encoder + UNet jointly: v-prediction loss +
     `grounding_weight` * token loss + `pixel_weight` * pixel loss on the kind words'
-    cross-attention at 8x8 and 4x4, see grounding.py). `dataset_size` scenes are rendered and
+    cross-attention at the two cross-attention levels, see grounding.py). `dataset_size` scenes are rendered and
     encoded once for the unet stage; `caption_dropout` of their captions are replaced by "" (for
     classifier-free guidance).
 
@@ -44,7 +45,7 @@ class Recipe:
 
     seed: int = 0
     # architecture
-    vae_channels: tuple[int, int, int, int] = (16, 32, 32, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 32, 64)
     latent_channels: int = 4
     text_width: int = 64
     text_layers: int = 3
@@ -92,6 +93,19 @@ class Recipe:
             raise Cones2Error(f"must be in [0, 1), got {self.caption_dropout}", "caption_dropout")
         if not 0 <= self.p_pattern <= 1:
             raise Cones2Error(f"must be in [0, 1], got {self.p_pattern}", "p_pattern")
+        if len(self.vae_channels) not in (3, 4):
+            raise Cones2Error(f"must have 3 or 4 blocks (16x16 or 8x8 latents), got {self.vae_channels}",
+                              "vae_channels")
+
+    @property
+    def latent_size(self) -> int:
+        """Latent side for the world's 64 px images: each VAE block after the first halves it."""
+        return IMAGE_SIZE // 2 ** (len(self.vae_channels) - 1)
+
+    def grounding_levels(self) -> tuple[int, int]:
+        """Query counts (h * w) of the two cross-attention levels the grounding losses act on."""
+        side = self.latent_size
+        return side * side, (side // 2) ** 2
 
     @classmethod
     def v2(cls, **overrides) -> "Recipe":
@@ -154,3 +168,4 @@ STAGE_KEYS = {
 }
 WORLD_DEFAULTS = {"p_pattern": 0.2, "name_second": False}     # world v1
 WORLD_V2 = {"p_pattern": 0.4, "name_second": True}
+LATENT_16 = {"vae_channels": (16, 32, 64)}      # 64 px -> 16x16 latents (issue 14: finer masks and details)

@@ -256,7 +256,7 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
     unet = models.build_unet(r)
     te.train()
     unet.train()
-    recorder = RecordingAttnProcessor(levels=(64, 16))
+    recorder = RecordingAttnProcessor(levels=r.grounding_levels())
     unet.set_attn_processor(recorder)
     optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": r.unet_lr, "peak": r.unet_lr},
                                    {"params": list(te.parameters()), "lr": r.text_lr_joint, "peak": r.text_lr_joint}],

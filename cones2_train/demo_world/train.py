@@ -23,7 +23,7 @@ from cones2.threads import configure_threads
 
 from . import stages as S
 from .models import weight_bytes
-from .recipe import STAGES, WORLD_V2, Recipe
+from .recipe import LATENT_16, STAGES, WORLD_V2, Recipe
 
 
 PROG = "python -m cones2_train.demo_world.train"
@@ -42,6 +42,8 @@ def build_parser() -> ArgumentParser:
                    help="take the vae stage from this demo model (same vae recipe and steps) instead of training it")
     p.add_argument("--world", choices=["v1", "v2"], default="v1",
                    help="v2: 40%% patterned objects, captions name both colours (issue 14); v1: the first demo model")
+    p.add_argument("--latent", type=int, choices=[8, 16], default=8,
+                   help="latent side for the 64 px world: 8 (4 VAE blocks, the shipped model) or 16 (3 blocks)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the measured rule of cones2.threads)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and on Ctrl-C)")
@@ -53,6 +55,8 @@ def build_parser() -> ArgumentParser:
 
 def recipe_from_args(args) -> Recipe:
     world = WORLD_V2 if getattr(args, "world", "v1") == "v2" else {}
+    if getattr(args, "latent", 8) == 16:
+        world = {**world, **LATENT_16} if not args.smoke else {**world, "vae_channels": (8, 8, 8)}
     recipe = Recipe.smoke(seed=args.seed, **world) if args.smoke else Recipe(seed=args.seed, **world)
     steps = {}
     for item in args.steps:

@@ -181,6 +181,16 @@ def fidelity_by_size(scenes, scores) -> dict:
     return out
 
 
+def paired_fidelity_change(per_prompt: dict[bool, list[list[bool]]]) -> dict:
+    """Fidelity with minus without guidance, paired by prompt and seed, with a 95 % interval. The
+    prompt is the unit (its objects share one image): d_p = mean over its objects of (with - without),
+    interval = mean(d) +- 1.96 * sd(d) / sqrt(P)."""
+    d = np.array([np.mean(np.array(g, float) - np.array(u, float))
+                  for g, u in zip(per_prompt[True], per_prompt[False])])
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]}
+
+
 def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT_MARGIN) -> dict:
     results = {}
     for n in counts:
@@ -188,10 +198,14 @@ def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT
         scenes = [eval_scene(i, n) for i in range(prompts)]
         boxes = [layout_boxes(s, margin) for s in scenes]
         row = {"prompts": prompts, "chance": float(np.mean([box_chance(s, b) for s, b in zip(scenes, boxes)]))}
+        per_prompt = {}
         for guided in (False, True):
             images = source.layout([(s, b, i, guided) for i, (s, b) in enumerate(zip(scenes, boxes))])
-            scores = [x for s, b, im in zip(scenes, boxes, images) for x in score_scene(im, s, b)]
+            per_prompt[guided] = [score_scene(im, s, b) for s, b, im in zip(scenes, boxes, images)]
+            scores = [x for p in per_prompt[guided] for x in p]
             row["guided" if guided else "unguided"] = {**summarize(scores), "by_size": fidelity_by_size(scenes, scores)}
+        row["fidelity_change"] = paired_fidelity_change({g: [[x.kind_ok for x in p] for p in per_prompt[g]]
+                                                         for g in per_prompt})
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results[str(n)] = row
         if progress:
@@ -314,6 +328,11 @@ def format_tables(results: dict) -> str:
             for b in row["guided"].get("by_size", {}) if row["guided"]["by_size"][b]["objects"])
             for n, row in results["layout"].items()]
         lines += ["", "fidelity w/o / with guidance by object side (objects):", *[f"- {x}" for x in sizes]]
+        changes = [f"{n} subject(s): {row['fidelity_change']['mean']:+.3f} "
+                   f"[{row['fidelity_change']['ci95'][0]:+.3f}, {row['fidelity_change']['ci95'][1]:+.3f}]"
+                   for n, row in results["layout"].items() if "fidelity_change" in row]
+        lines += ["", "fidelity with minus without guidance, paired by prompt (95 % interval):",
+                  *[f"- {c}" for c in changes]]
     res = results.get("residuals")
     if res:
         lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with "

@@ -390,6 +390,9 @@ def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
         for key in ("guided", "unguided"):
             assert row[key]["objects"] == 3 * int(n)
             assert all(0.0 <= row[key][m] <= 1.0 for m in ("present", "fidelity", "layout", "containment"))
+        change = row["fidelity_change"]           # every prompt has n objects: the paired mean is the plain gap
+        assert change["mean"] == pytest.approx(row["guided"]["fidelity"] - row["unguided"]["fidelity"], abs=1e-9)
+        assert change["ci95"][0] <= change["mean"] <= change["ci95"][1]
     assert set(res["residuals"]) == set(INSTANCES) | {"composition", "demo"}
 
 

@@ -2,10 +2,11 @@
 world's exact detector (`cones2_train.demo_world.detector`).
 
 For 1..4 subjects, the same evaluation prompts and seeds are generated without and with layout
-guidance (boxes = the prompt scene's ground-truth boxes grown by 4 px): caption fidelity (the object
-is found in its colour with its kind), layout accuracy (its centre lies in its box; `chance` is the
-mean box area, the accuracy of a random centre) and containment (the mean share of a found object's
-pixels inside its box). Then a residual is trained with `cones2_train` on 5 images of each subject
+guidance (boxes = the prompt scene's ground-truth boxes grown by --margin px, default 4): caption
+fidelity (the object is found in its colour with its kind), layout accuracy (its centre lies in its
+box; `chance` is the mean box area, the accuracy of a random centre) and containment (the mean share
+of a found object's pixels inside its box); also how each fidelity miss happened, fidelity by object
+size, and the change of fidelity with guidance paired by prompt, with a 95 % interval. Then a residual is trained with `cones2_train` on 5 images of each subject
 instance (or loaded with --residuals-from) and "a <kind> on a <background> background" is generated
 without and with it (does the exact instance appear?), and every pair of residuals is composed in one
 layout-guided prompt. Prints tables, writes JSON.
@@ -14,6 +15,7 @@ layout-guided prompt. Prints tables, writes JSON.
     python bench/quality.py --quick --model DIR      # a small smoke subset
     python bench/quality.py --oracle --quick         # score the world's own renders: checks the metrics
     python bench/quality.py --no-layout --instances twotone_triangle,twotone_heart --residual-prompts 20
+    python bench/quality.py --model DIR --no-residuals --layout-resize cell-centres --margin 8
 """
 from __future__ import annotations
 
@@ -309,6 +311,32 @@ def evaluate_demo(source, residuals: dict, prompts: int) -> dict:
 
 
 # ---- report ------------------------------------------------------------------------------------------------
+def layout_details(layout: dict) -> list[str]:
+    """Per subject count: how each fidelity miss happened, fidelity by object size, and the paired
+    change of fidelity with guidance with its 95 % interval."""
+    def row_lines(title, fmt):
+        return ["", title, *[f"- {n} subject(s): {fmt(row)}" for n, row in layout.items()]]
+
+    def misses(row):
+        return "; ".join(f"{label} " + (", ".join(f"{k} {v}" for k, v in row[key]["misses"].items()) or "none")
+                         for label, key in (("w/o", "unguided"), ("with", "guided")))
+
+    def sizes(row):
+        u, g = row["unguided"]["by_size"], row["guided"]["by_size"]
+        return "; ".join(f"{b} {u[b]['fidelity']:.2f} / {g[b]['fidelity']:.2f} ({g[b]['objects']})"
+                         for b in g if g[b]["objects"])
+
+    def change(row):
+        c = row["fidelity_change"]
+        return f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+
+    if not layout:
+        return []
+    return (row_lines("fidelity misses (asked kind -> kind found in that colour):", misses)
+            + row_lines("fidelity w/o / with guidance by object side (objects):", sizes)
+            + row_lines("fidelity with minus without guidance, paired by prompt (95 % interval):", change))
+
+
 def format_tables(results: dict) -> str:
     lines = ["| subjects | prompts | fidelity w/o guidance | fidelity with | layout w/o guidance | layout with "
              "| chance | containment w/o / with |",
@@ -317,22 +345,7 @@ def format_tables(results: dict) -> str:
         u, g = row["unguided"], row["guided"]
         lines.append(f"| {n} | {row['prompts']} | {u['fidelity']:.3f} | {g['fidelity']:.3f} | {u['layout']:.3f} | "
                      f"{g['layout']:.3f} | {row['chance']:.3f} | {u['containment']:.3f} / {g['containment']:.3f} |")
-    misses = [f"{n} subject(s): " + "; ".join(
-        f"{label} " + (", ".join(f"{k} {v}" for k, v in row[key].get("misses", {}).items()) or "none")
-        for label, key in (("w/o", "unguided"), ("with", "guided"))) for n, row in results["layout"].items()]
-    if misses:
-        lines += ["", "fidelity misses (asked kind -> kind found in that colour):", *[f"- {m}" for m in misses]]
-        sizes = [f"{n} subject(s): " + "; ".join(
-            f"{b} {row['unguided']['by_size'][b]['fidelity']:.2f} / {row['guided']['by_size'][b]['fidelity']:.2f}"
-            f" ({row['guided']['by_size'][b]['objects']})"
-            for b in row["guided"].get("by_size", {}) if row["guided"]["by_size"][b]["objects"])
-            for n, row in results["layout"].items()]
-        lines += ["", "fidelity w/o / with guidance by object side (objects):", *[f"- {x}" for x in sizes]]
-        changes = [f"{n} subject(s): {row['fidelity_change']['mean']:+.3f} "
-                   f"[{row['fidelity_change']['ci95'][0]:+.3f}, {row['fidelity_change']['ci95'][1]:+.3f}]"
-                   for n, row in results["layout"].items() if "fidelity_change" in row]
-        lines += ["", "fidelity with minus without guidance, paired by prompt (95 % interval):",
-                  *[f"- {c}" for c in changes]]
+    lines += layout_details(results["layout"])
     res = results.get("residuals")
     if res:
         lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with "

@@ -15,6 +15,7 @@ hole share, solidity, extent and top-half share) and `current` (`detector.classi
 filling its box's corners is a square, otherwise the same nearest prototype).
 
     python bench/detector_check.py --json bench/results/detector/check.json
+    python bench/detector_check.py --model runs/demo3/stages/vae.safetensors   # a run's VAE, before its model exists
 """
 from __future__ import annotations
 
@@ -44,10 +45,24 @@ def four_feature_kind(region: np.ndarray) -> str:
 RULES = {"four-features": four_feature_kind, "current": detector.classify_shape}
 
 
-def load_vae(model_dir: str):
+def load_vae(source: str):
+    """The VAE of a demo model directory, or of a training run's finished vae stage
+    (`RUN/stages/vae.safetensors`, its block widths read from the weights)."""
+    if str(source).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        from cones2_train.demo_world import models
+        from cones2_train.demo_world.recipe import Recipe
+        from cones2_train.demo_world.stages import unprefixed
+
+        weights = unprefixed("vae", load_file(source))
+        blocks = sorted(k for k in weights if k.startswith("encoder.down_blocks.") and k.endswith("resnets.0.conv1.weight"))
+        vae = models.build_vae(Recipe(vae_channels=tuple(weights[k].shape[0] for k in blocks)))
+        vae.load_state_dict(weights)
+        return vae.float().eval()
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(Path(model_dir) / "vae").float().eval()
+    return AutoencoderKL.from_pretrained(Path(source) / "vae").float().eval()
 
 
 def roundtrip(vae, image):
@@ -103,7 +118,8 @@ def score(regions) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(HERE.parent / "engine" / "data" / "demo_model"),
-                   help="demo model directory whose VAE decodes (default: the shipped one)")
+                   help="demo model directory whose VAE decodes (default: the shipped one), or a run's "
+                        "stages/vae.safetensors")
     p.add_argument("--scenes", type=int, default=40, help="check scenes per subject count (1-4)")
     p.add_argument("--json", help="write the scores here")
     args = p.parse_args(argv)

@@ -54,9 +54,9 @@ def register(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--mode", choices=["paper-exact", "fast"], default="paper-exact",
                    help="paper-exact: SPEC 4's Euler sampler; fast: DPM-Solver++ 2M (docs/speed.md)")
-    p.add_argument("--layout-resize", choices=["aligned-corners", "cell-centres"], default=None,
-                   help="how the layout reaches each attention level: aligned-corners (SPEC 3, default) or "
-                        "cell-centres (for small latent grids; docs/layout.md)")
+    p.add_argument("--layout-resize", choices=["aligned-corners", "cell-centres"], default="aligned-corners",
+                   help="how the layout reaches each attention level: aligned-corners (SPEC 3) or cell-centres "
+                        "(for subjects a few latent cells wide; docs/layout.md)")
     p.add_argument("--out", default="out.png", help="PNG to write")
     p.add_argument("--save-latents", metavar="FILE.safetensors", help="also write final latents and cond embeddings")
     p.add_argument("--preview", action="store_true", help="also write OUT.preview.png with the layout drawn over it")

@@ -29,8 +29,8 @@ from serve_support import make_residual  # noqa: E402
 
 SIZE, STEPS = 64, 3
 # The kill test's requests: a batch of 40 steps takes long next to the gap between two batches (the
-# network and the 50-ms batch wait), so the replica killed is mid-flight, not between batches (at 12
-# steps it was idle in some runs on a loaded machine).
+# network and the 50-ms batch wait). The replica killed is one seen sampling (`_busy_replica`): on a
+# loaded machine the router sometimes left one replica idle, and killing it tested nothing.
 KILL_STEPS = 40
 SERVICE_NAME = "cones2.v1.Cones2Service"
 
@@ -336,6 +336,26 @@ def _engine_replica_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
+def _busy_replica(names: list[str], window: float = 0.3, timeout: float = 60.0) -> str:
+    """The engine replica whose process is burning CPU (sampling a request) right now: the one with
+    the most CPU time over `window` seconds, once that is at least half the window."""
+    import os
+
+    import psutil
+
+    procs = {n: psutil.Process(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(
+        lambda _self: os.getpid()), timeout=30)) for n in names}
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        before = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+        time.sleep(window)
+        used = {n: sum(p.cpu_times()[:2]) - before[n] for n, p in procs.items()}
+        name = max(used, key=used.get)
+        if used[name] >= window / 2:
+            return name
+    raise AssertionError(f"no engine replica was sampling within {timeout} s")
+
+
 def _running_engine_replicas() -> int:
     from ray import serve
 
@@ -375,9 +395,10 @@ def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine
     end = time.monotonic() + 120
     while sum(map(len, done.values())) < kill_after and time.monotonic() < end:
         time.sleep(0.05)
-    victims = _engine_replica_actors()
-    assert len(victims) == 2, victims
-    ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)   # mid-flight: both are busy
+    replicas = _engine_replica_actors()
+    assert len(replicas) == 2, replicas
+    victim = _busy_replica(replicas)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)       # mid-flight: it was sampling
     killed.set()
     for t in threads:
         t.join(timeout=300)
@@ -399,7 +420,7 @@ def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine
     end = time.monotonic() + 180
     while _running_engine_replicas() < 2 and time.monotonic() < end:
         time.sleep(0.5)
-    assert _running_engine_replicas() == 2 and victims[0] not in _engine_replica_actors()
+    assert _running_engine_replicas() == 2 and victim not in _engine_replica_actors()
     assert client.generate("a dog", steps=2, width=SIZE, height=SIZE, seed=1).seed == 1
 
 

@@ -285,8 +285,8 @@ def test_smoke_training_writes_a_model_the_engine_loads(smoke_run):
 
 
 def test_a_16x16_latent_recipe_trains_grounds_and_samples(tmp_path):
-    """`--latent 16` (3 VAE blocks): the engine sees 16x16 latents and levels 16/8/4, and the grounding
-    losses are recorded on the two cross-attention levels of that grid."""
+    """`--latent 16` (3 VAE blocks): the engine sees 16x16 latents and levels 16/8/4, the grounding
+    losses are recorded on the two cross-attention levels of that grid, and a snapshot reads the run."""
     import cones2
     from cones2_train.demo_world.train import main
 
@@ -302,6 +302,10 @@ def test_a_16x16_latent_recipe_trains_grounds_and_samples(tmp_path):
     layout = cones2.Layout.from_boxes({"star": (0, 0, 0.5, 0.5)})
     g = engine.generate("a red star on a sand background", layout=layout, steps=2, progress=False)
     assert tuple(g.latents.shape) == (1, 4, 16, 16) and g.image.size == (64, 64)
+    from cones2_train.demo_world.snapshot import main as snapshot   # reads the run under the same recipe
+
+    assert snapshot(["--out", str(tmp_path), "--smoke", "--latent", "16", "--model-dir", str(tmp_path / "snap")]) == 0
+    assert cones2.Engine.from_pretrained(tmp_path / "snap", backend="sdpa").vae_scale == 4
 
 
 def test_full_recipe_fits_the_size_budget():

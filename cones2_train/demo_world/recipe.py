@@ -158,6 +158,17 @@ class Recipe:
         return hashlib.sha256(json.dumps({k: d[k] for k in sorted(keys)}).encode()).hexdigest()[:16]
 
 
+def recipe_for(world: str = "v1", latent: int = 8, seed: int = 0, smoke: bool = False) -> Recipe:
+    """The recipe the command lines name: --world v1|v2, --latent 8|16, --seed, --smoke (train and
+    snapshot build it alike, so a snapshot reads the checkpoints of the run it names)."""
+    settings: dict = dict(WORLD_V2) if world == "v2" else {}
+    if latent == 16:
+        settings["vae_channels"] = (8, 8, 8) if smoke else LATENT_16["vae_channels"]
+    elif latent != 8:
+        raise Cones2Error(f"must be 8 or 16, got {latent!r}", "latent")
+    return Recipe.smoke(seed=seed, **settings) if smoke else Recipe(seed=seed, **settings)
+
+
 COMMON_KEYS = ("seed", "vae_channels", "latent_channels", "text_width", "text_layers", "text_heads", "unet_channels",
                "unet_heads", "prediction_type", "warmup_steps", "grad_clip")
 STAGE_KEYS = {

@@ -23,7 +23,7 @@ from cones2.threads import configure_threads
 
 from . import stages as S
 from .models import weight_bytes
-from .recipe import LATENT_16, STAGES, WORLD_V2, Recipe
+from .recipe import STAGES, Recipe, recipe_for
 
 
 PROG = "python -m cones2_train.demo_world.train"
@@ -54,10 +54,7 @@ def build_parser() -> ArgumentParser:
 
 
 def recipe_from_args(args) -> Recipe:
-    world = WORLD_V2 if getattr(args, "world", "v1") == "v2" else {}
-    if getattr(args, "latent", 8) == 16:
-        world = {**world, **LATENT_16} if not args.smoke else {**world, "vae_channels": (8, 8, 8)}
-    recipe = Recipe.smoke(seed=args.seed, **world) if args.smoke else Recipe(seed=args.seed, **world)
+    recipe = recipe_for(getattr(args, "world", "v1"), getattr(args, "latent", 8), args.seed, args.smoke)
     steps = {}
     for item in args.steps:
         stage, eq, value = item.rpartition("=")

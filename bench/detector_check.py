@@ -35,14 +35,7 @@ LABELLED = HERE / "results" / "detector" / "labelled_regions"
 CHECK_INDEX = 9000        # eval-world scene indices, far from quality.py's 0..99
 
 
-def four_feature_kind(region: np.ndarray) -> str:
-    """The rule before the corner-fill square test: the nearest prototype, always."""
-    f = np.array(detector.shape_features(region))
-    scale = np.array(detector.FEATURE_SCALE)
-    return min(detector.PROTOTYPES, key=lambda k: float((((f - np.array(detector.PROTOTYPES[k])) / scale) ** 2).sum()))
-
-
-RULES = {"four-features": four_feature_kind, "current": detector.classify_shape}
+RULES = {"four-features": detector.nearest_prototype, "current": detector.classify_shape}
 
 
 def load_vae(source: str):

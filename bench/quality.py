@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cones2.limits import LAYOUT_RESIZES
 from cones2_train.demo_world.instances import templates_for
 from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, layout_boxes, score_instance,
                                              score_scene, summarize, summarize_instances)
@@ -68,7 +69,7 @@ def parse_args(argv):
                    help="also score prompts that spell each instance out (\"a two-tone blue and yellow circle\")")
     p.add_argument("--guidance-steps", type=int, default=None, help="guided sampling steps (default: all)")
     p.add_argument("--strength", type=float, default=2.5, help="layout strength w+ of every subject")
-    p.add_argument("--layout-resize", choices=("aligned-corners", "cell-centres"), default="aligned-corners",
+    p.add_argument("--layout-resize", choices=LAYOUT_RESIZES, default=LAYOUT_RESIZES[0],
                    help="how layouts reach the attention levels (SamplingConfig.layout_resize; default SPEC 3's)")
     p.add_argument("--margin", type=int, default=LAYOUT_MARGIN,
                    help=f"pixels added around each ground-truth box to make the layout box (default {LAYOUT_MARGIN})")

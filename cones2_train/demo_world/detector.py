@@ -167,14 +167,18 @@ def corner_fill(region: np.ndarray) -> float:
     return float(np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()]))
 
 
-def classify_shape(region: np.ndarray) -> str:
-    """A square if the region fills its box's corners and has no hole; otherwise the kind whose
-    ideal features are nearest (in units of FEATURE_SCALE)."""
+def nearest_prototype(region: np.ndarray) -> str:
+    """The kind whose ideal features are nearest (in units of FEATURE_SCALE)."""
     f = np.array(shape_features(region))
-    if f[0] < 0.05 and corner_fill(region) >= SQUARE_CORNER_FILL:
-        return "square"
     scale = np.array(FEATURE_SCALE)
     return min(PROTOTYPES, key=lambda k: float((((f - np.array(PROTOTYPES[k])) / scale) ** 2).sum()))
+
+
+def classify_shape(region: np.ndarray) -> str:
+    """A square if the region fills its box's corners and has no hole; otherwise `nearest_prototype`."""
+    if shape_features(region)[0] < 0.05 and corner_fill(region) >= SQUARE_CORNER_FILL:
+        return "square"
+    return nearest_prototype(region)
 
 
 def pattern_of(colour: np.ndarray, region: np.ndarray, main: int, other: int) -> str:

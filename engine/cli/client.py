@@ -11,6 +11,7 @@ import sys
 
 from ..atomic import atomic_write
 from ..errors import Cones2Error
+from ..limits import LAYOUT_RESIZES
 from ..outputs import output_file
 from .common import key_value, numbers
 
@@ -47,7 +48,7 @@ def register(sub) -> None:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--mode", choices=["paper-exact", "fast"])
-    g.add_argument("--layout-resize", choices=["aligned-corners", "cell-centres"])
+    g.add_argument("--layout-resize", choices=LAYOUT_RESIZES)
     g.add_argument("--out", default="out.png", help="where to write: .png, or .safetensors for raw latents")
     g.add_argument("--stream", action="store_true", help="use GenerateStream and print progress")
     g.set_defaults(run=run_generate)

@@ -14,8 +14,11 @@ Both kind rules are scored in one run: `four-features` (the detector before: the
 hole share, solidity, extent and top-half share) and `current` (`detector.classify_shape`: a region
 filling its box's corners is a square, otherwise the same nearest prototype).
 
-    python bench/detector_check.py --json bench/results/detector/check.json
+    python bench/detector_check.py --json bench/results/detector/check.json   # the shipped model's VAE
     python bench/detector_check.py --model runs/demo3/stages/vae.safetensors   # a run's VAE, before its model exists
+
+(The saved check.json was made while the v2 model was shipped, so its "decoded" set went through
+v2's VAE.)
 """
 from __future__ import annotations
 

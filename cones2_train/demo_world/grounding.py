@@ -2,7 +2,8 @@
 
 Layout guidance (SPEC 3) works by rectifying the cross-attention of the subject's word, so it can
 only move an object if the model draws that object through its word's attention. During training
-the UNet's cross-attention probabilities at the 8x8 and 4x4 levels are recorded, and a token loss in
+the UNet's cross-attention probabilities at its two finest levels (`Recipe.grounding_levels`: 8x8 and
+4x4 for 8x8 latents, 16x16 and 8x8 for 16x16 ones) are recorded, and a token loss in
 the spirit of TokenCompose (Wang et al., 2024) pulls the attention mass of every kind word into its
 object's ground-truth box (token loss), and a pixel loss makes the box's cells attend to that word,
 so the object's content flows through the word that guidance rectifies (not through the padding

@@ -6,10 +6,11 @@ guidance (boxes = the prompt scene's ground-truth boxes grown by --margin px, de
 fidelity (the object is found in its colour with its kind), layout accuracy (its centre lies in its
 box; `chance` is the mean box area, the accuracy of a random centre) and containment (the mean share
 of a found object's pixels inside its box); also how each fidelity miss happened, fidelity by object
-size, and the change of fidelity with guidance paired by prompt, with a 95 % interval. Then a residual is trained with `cones2_train` on 5 images of each subject
-instance (or loaded with --residuals-from) and "a <kind> on a <background> background" is generated
-without and with it (does the exact instance appear?), and every pair of residuals is composed in one
-layout-guided prompt. Prints tables, writes JSON.
+size, and the change of fidelity with guidance paired by prompt, with a 95 % interval. Then a
+residual is trained with `cones2_train` on 5 images of each subject instance (or loaded with
+--residuals-from) and "a <kind> on a <background> background" is generated without and with it
+(does the exact instance appear?), and every pair of residuals is composed in one layout-guided
+prompt. Prints tables, writes JSON.
 
     python bench/quality.py --model runs/demo/model --json bench/results/quality.json
     python bench/quality.py --quick --model DIR      # a small smoke subset

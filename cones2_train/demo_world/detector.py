@@ -167,18 +167,22 @@ def corner_fill(region: np.ndarray) -> float:
     return float(np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()]))
 
 
+def _nearest_kind(features) -> str:
+    f, scale = np.array(features), np.array(FEATURE_SCALE)
+    return min(PROTOTYPES, key=lambda k: float((((f - np.array(PROTOTYPES[k])) / scale) ** 2).sum()))
+
+
 def nearest_prototype(region: np.ndarray) -> str:
     """The kind whose ideal features are nearest (in units of FEATURE_SCALE)."""
-    f = np.array(shape_features(region))
-    scale = np.array(FEATURE_SCALE)
-    return min(PROTOTYPES, key=lambda k: float((((f - np.array(PROTOTYPES[k])) / scale) ** 2).sum()))
+    return _nearest_kind(shape_features(region))
 
 
 def classify_shape(region: np.ndarray) -> str:
     """A square if the region fills its box's corners and has no hole; otherwise `nearest_prototype`."""
-    if shape_features(region)[0] < 0.05 and corner_fill(region) >= SQUARE_CORNER_FILL:
+    features = shape_features(region)
+    if features[0] < 0.05 and corner_fill(region) >= SQUARE_CORNER_FILL:
         return "square"
-    return nearest_prototype(region)
+    return _nearest_kind(features)
 
 
 def pattern_of(colour: np.ndarray, region: np.ndarray, main: int, other: int) -> str:

@@ -15,7 +15,6 @@ from .. import limits
 from ..atomic import atomic_write
 from ..config import SamplingConfig
 from ..errors import Cones2Error
-from ..limits import LAYOUT_RESIZES
 from ..limits import positions as check_positions
 from ..outputs import output_file
 from ..threads import configure_threads
@@ -55,7 +54,7 @@ def register(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--mode", choices=["paper-exact", "fast"], default="paper-exact",
                    help="paper-exact: SPEC 4's Euler sampler; fast: DPM-Solver++ 2M (docs/speed.md)")
-    p.add_argument("--layout-resize", choices=LAYOUT_RESIZES, default=LAYOUT_RESIZES[0],
+    p.add_argument("--layout-resize", choices=limits.LAYOUT_RESIZES, default=limits.LAYOUT_RESIZES[0],
                    help="how the layout reaches each attention level: aligned-corners (SPEC 3) or cell-centres "
                         "(for subjects a few latent cells wide; docs/layout.md)")
     p.add_argument("--out", default="out.png", help="PNG to write")

@@ -17,6 +17,8 @@ prompt. Prints tables, writes JSON.
     python bench/quality.py --oracle --quick         # score the world's own renders: checks the metrics
     python bench/quality.py --no-layout --instances twotone_triangle,twotone_heart --residual-prompts 20
     python bench/quality.py --model DIR --no-residuals --layout-resize cell-centres --margin 8
+    python bench/quality.py --model DIR --no-residuals --first-prompt 100 --prompts 200   # prompts not tuned on
+    python bench/quality.py --model DIR --no-residuals --negative-weight -20 --save-misses out/misses
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--model", help="diffusers directory of the demo model (default: the embedded default)")
     p.add_argument("--counts", default="1,2,3,4", help="subject counts to evaluate")
     p.add_argument("--prompts", type=int, default=100, help="prompts per subject count")
+    p.add_argument("--first-prompt", type=int, default=0,
+                   help="index of the first evaluation prompt (e.g. 100: prompts no earlier run looked at)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: 30 in paper-exact mode, the mode's own default, 20, in fast mode)")
     p.add_argument("--mode", choices=("paper-exact", "fast"), default="paper-exact",
@@ -70,6 +74,9 @@ def parse_args(argv):
                    help="also score prompts that spell each instance out (\"a two-tone blue and yellow circle\")")
     p.add_argument("--guidance-steps", type=int, default=None, help="guided sampling steps (default: all)")
     p.add_argument("--strength", type=float, default=2.5, help="layout strength w+ of every subject")
+    p.add_argument("--negative-weight", type=float, default=-1e8,
+                   help="w- outside each subject's box (SamplingConfig.negative_weight; default SPEC 3's hard "
+                        "mask, -1e8; a finite w- such as -10 is a soft mask)")
     p.add_argument("--layout-resize", choices=LAYOUT_RESIZES, default=LAYOUT_RESIZES[0],
                    help="how layouts reach the attention levels (SamplingConfig.layout_resize; default SPEC 3's)")
     p.add_argument("--margin", type=int, default=LAYOUT_MARGIN,
@@ -79,6 +86,8 @@ def parse_args(argv):
     p.add_argument("--oracle", action="store_true", help="score renders of the prompts' own scenes (no model)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the rule of cones2.threads)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--save-misses", metavar="DIR",
+                   help="write unguided | guided (layout drawn) for each prompt where guidance lost an object")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.steps is None:
@@ -95,6 +104,8 @@ def parse_args(argv):
         p.error(f"--instances: unknown {unknown} (choose from {', '.join(INSTANCES)})")
     if any(not 1 <= c <= 4 for c in args.counts):
         p.error("--counts must lie in 1..4")
+    if args.first_prompt < 0:
+        p.error("--first-prompt must be >= 0")
     return args
 
 
@@ -103,10 +114,11 @@ class ModelImages:
     """Generations of a loaded engine, many requests per sampling loop."""
 
     def __init__(self, engine, steps: int, cfg: float, batch: int, guidance_steps: int | None = None,
-                 strength: float = 2.5, mode: str = "paper-exact", layout_resize: str = "aligned-corners"):
+                 strength: float = 2.5, mode: str = "paper-exact", layout_resize: str = "aligned-corners",
+                 negative_weight: float = -1e8):
         self.engine, self.batch, self.strength = engine, batch, strength
         self.settings = dict(steps=steps, cfg_scale=cfg, mode=mode, guidance_steps=guidance_steps,
-                             layout_resize=layout_resize)
+                             layout_resize=layout_resize, negative_weight=negative_weight)
 
     def _layout(self, boxes):
         import cones2
@@ -195,26 +207,59 @@ def paired_fidelity_change(per_prompt: dict[bool, list[list[bool]]]) -> dict:
     return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]}
 
 
-def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT_MARGIN) -> dict:
+def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT_MARGIN, first: int = 0,
+                    misses_dir: Path | None = None) -> dict:
+    """Prompts first .. first + prompts - 1 of each subject count; prompt i is sampled with seed i.
+    misses_dir: also save the prompts where guidance lost an object (`save_guidance_misses`)."""
     results = {}
     for n in counts:
         t0 = time.perf_counter()
-        scenes = [eval_scene(i, n) for i in range(prompts)]
+        indices = range(first, first + prompts)
+        scenes = [eval_scene(i, n) for i in indices]
         boxes = [layout_boxes(s, margin) for s in scenes]
         row = {"prompts": prompts, "chance": float(np.mean([box_chance(s, b) for s, b in zip(scenes, boxes)]))}
-        per_prompt = {}
+        per_prompt, images = {}, {}
         for guided in (False, True):
-            images = source.layout([(s, b, i, guided) for i, (s, b) in enumerate(zip(scenes, boxes))])
-            per_prompt[guided] = [score_scene(im, s, b) for s, b, im in zip(scenes, boxes, images)]
+            images[guided] = source.layout([(s, b, i, guided) for i, s, b in zip(indices, scenes, boxes)])
+            per_prompt[guided] = [score_scene(im, s, b) for s, b, im in zip(scenes, boxes, images[guided])]
             scores = [x for p in per_prompt[guided] for x in p]
             row["guided" if guided else "unguided"] = {**summarize(scores), "by_size": fidelity_by_size(scenes, scores)}
         row["fidelity_change"] = paired_fidelity_change({g: [[x.kind_ok for x in p] for p in per_prompt[g]]
                                                          for g in per_prompt})
+        if misses_dir is not None:
+            row["saved_misses"] = save_guidance_misses(Path(misses_dir), n, indices, scenes, boxes, images, per_prompt)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results[str(n)] = row
         if progress:
             print(f"  {n} subject(s): {row['seconds']} s", file=sys.stderr)
     return results
+
+
+def save_guidance_misses(folder: Path, n: int, indices, scenes, boxes, images: dict, per_prompt: dict) -> int:
+    """Write `<n>subjects_prompt<i>_<kinds>.png`, the unguided image beside the guided one with its layout
+    drawn, for each prompt where guidance lost an object that the unguided image has (kind_ok without,
+    not with): what the fidelity change is made of. Returns how many were written."""
+    from PIL import Image
+
+    from cones2 import Layout
+    from cones2.image import draw_layout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for k, i in enumerate(indices):
+        lost = [o.kind for o, u, g in zip(scenes[k].objects, per_prompt[False][k], per_prompt[True][k])
+                if u.kind_ok and not g.kind_ok]
+        if not lost:
+            continue
+        image = images[True][k]
+        guided = draw_layout(image, Layout.from_boxes(boxes[k]).masks(image.height, image.width))
+        unguided = images[False][k].convert("RGB").resize(guided.size, Image.NEAREST)
+        sheet = Image.new("RGB", (2 * guided.width + 4, guided.height), "white")
+        sheet.paste(unguided, (0, 0))
+        sheet.paste(guided, (guided.width + 4, 0))
+        sheet.save(folder / f"{n}subjects_prompt{i}_{'-'.join(lost)}.png")
+        written += 1
+    return written
 
 
 def evaluate_residuals(source, engine, args, templates_dir: Path) -> dict:
@@ -388,11 +433,12 @@ def main(argv=None) -> int:
 
         engine = cones2.Engine.from_pretrained(args.model)
         source = ModelImages(engine, args.steps, args.cfg, args.batch, args.guidance_steps, args.strength,
-                             mode=args.mode, layout_resize=args.layout_resize)
+                             mode=args.mode, layout_resize=args.layout_resize, negative_weight=args.negative_weight)
     t0 = time.perf_counter()
     results = {"model": "oracle" if args.oracle else (args.model or "embedded default"),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
-               "layout": evaluate_layout(source, args.counts, args.prompts, not args.no_progress, args.margin)}
+               "layout": evaluate_layout(source, args.counts, args.prompts, not args.no_progress, args.margin,
+                                         args.first_prompt, args.save_misses)}
     if not args.no_residuals:
         with tempfile.TemporaryDirectory() as tmp:
             results["residuals"] = evaluate_residuals(source, engine, args, Path(tmp))

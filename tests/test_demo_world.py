@@ -390,9 +390,16 @@ def test_quality_metrics_score_the_world_itself_perfectly(tmp_path):
 def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
     out = tmp_path / "q.json"
     model = smoke_run[1]["model"]
-    _run_quality("--model", str(model), "--quick", "--json", str(out))
+    misses = tmp_path / "misses"
+    _run_quality("--model", str(model), "--quick", "--negative-weight", "-20", "--first-prompt", "5",
+                 "--save-misses", str(misses), "--json", str(out))
     res = json.loads(out.read_text())
     assert set(res["layout"]) == {"2", "3"}
+    assert res["settings"]["negative_weight"] == -20 and res["settings"]["first_prompt"] == 5
+    sheets = sorted(misses.glob("*.png")) if misses.exists() else []
+    assert len(sheets) == sum(row["saved_misses"] for row in res["layout"].values())
+    for sheet in sheets:                               # prompt indices start at --first-prompt
+        assert int(sheet.name.split("_prompt")[1].split("_")[0]) in range(5, 8)
     for n, row in res["layout"].items():
         for key in ("guided", "unguided"):
             assert row[key]["objects"] == 3 * int(n)

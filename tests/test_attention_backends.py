@@ -44,6 +44,20 @@ def test_plain_matches_unrectified(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_soft_mask_matches_spec(backend):
+    """A finite w- (the soft mask of docs/layout.md) is SPEC 3's literal formula, and unlike -1e8 it
+    leaves the masked keys some probability."""
+    q, k, v, hard, coef = _inputs(seed=3)
+    soft = torch.where(hard <= -1e4, torch.tensor(-2.0), hard)
+    impl = get_backend(backend)
+    out = impl.cross(q, k, v, soft, coef, 0.25)
+    torch.testing.assert_close(out, _reference(q, k, v, soft, coef, 0.25), rtol=1e-5, atol=2e-6)
+    masked = impl.cross(q, k, v, hard, coef, 0.25)
+    assert (out[0] - masked[0]).abs().max() > 1e-3          # guided: the soft mask is not the hard one
+    torch.testing.assert_close(out[1], masked[1])            # coef 0: both are plain attention
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hard_mask_is_exact_and_finite(backend, dtype):
     """Masked keys get probability exactly 0: a huge value on masked keys never leaks into the output."""

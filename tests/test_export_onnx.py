@@ -181,11 +181,13 @@ def ort_engine(onnx_dir):
     return cones2.Engine.from_pretrained(None, backend="onnxruntime", backend_options={"onnx_dir": str(onnx_dir)})
 
 
-def test_engine_onnxruntime_generates_the_sdpa_image(engine, ort_engine):
-    """Guided and unguided steps (guidance_steps < steps), two subjects; tolerance: latents 1e-4,
-    pixels at most 1 level of 255."""
+@pytest.mark.parametrize("negative_weight", [-1e8, -20.0])
+def test_engine_onnxruntime_generates_the_sdpa_image(engine, ort_engine, negative_weight):
+    """Guided and unguided steps (guidance_steps < steps), two subjects, a hard and a soft mask;
+    tolerance: latents 1e-4, pixels at most 1 level of 255."""
     layout = cones2.Layout.from_boxes({"dog": (0.05, 0.35, 0.5, 0.95), "mug": (0.55, 0.45, 0.95, 0.95)})
-    kw = dict(layout=layout, steps=4, guidance_steps=2, seed=3, height=128, width=128, progress=False)
+    kw = dict(layout=layout, steps=4, guidance_steps=2, seed=3, height=128, width=128, progress=False,
+              negative_weight=negative_weight)
     a = engine.generate(PROMPT, **kw)
     b = ort_engine.generate(PROMPT, **kw)
     err = (a.latents - b.latents).abs().max().item()

@@ -73,6 +73,18 @@ def test_fp32_matches_spec(d, N):
     assert (expected[0] - spec(q[:1], k[:1], v[:1], None, [0.0])[0]).abs().max() > 0.1
 
 
+def test_soft_mask_matches_spec():
+    """A finite w- (docs/layout.md's soft mask) takes the literal path: SPEC 3's formula, not a hard mask."""
+    B, H, N, d = 2, 2, 37, 40
+    q, k, v = inputs(B, H, N, d)
+    soft = torch.stack([layout_weight(N, negative=-20.0, seed=s) for s in range(B)])
+    coef = torch.tensor([0.35, 0.9])
+    out = rectified_cross_attention(q, k, v, soft, coef)
+    torch.testing.assert_close(out.double(), spec(q, k, v, soft, coef), atol=2e-5, rtol=1e-5)
+    hard = spec(q, k, v, torch.stack([layout_weight(N, seed=s) for s in range(B)]), coef)
+    assert (out.double() - hard).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("d,N,m", [(96, 301, 77), (160, 133, 77), (64, 150, 256), (40, 65, 200)])
 def test_fp32_matches_spec_more_shapes(d, N, m):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cones2.config import SamplingConfig
 from cones2.limits import LAYOUT_RESIZES
 from cones2_train.demo_world.instances import templates_for
 from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, layout_boxes, score_instance,
@@ -74,7 +75,7 @@ def parse_args(argv):
                    help="also score prompts that spell each instance out (\"a two-tone blue and yellow circle\")")
     p.add_argument("--guidance-steps", type=int, default=None, help="guided sampling steps (default: all)")
     p.add_argument("--strength", type=float, default=2.5, help="layout strength w+ of every subject")
-    p.add_argument("--negative-weight", type=float, default=-1e8,
+    p.add_argument("--negative-weight", type=float, default=SamplingConfig.negative_weight,
                    help="w- outside each subject's box (SamplingConfig.negative_weight; default SPEC 3's hard "
                         "mask, -1e8; a finite w- such as -10 is a soft mask)")
     p.add_argument("--layout-resize", choices=LAYOUT_RESIZES, default=LAYOUT_RESIZES[0],
@@ -115,7 +116,7 @@ class ModelImages:
 
     def __init__(self, engine, steps: int, cfg: float, batch: int, guidance_steps: int | None = None,
                  strength: float = 2.5, mode: str = "paper-exact", layout_resize: str = "aligned-corners",
-                 negative_weight: float = -1e8):
+                 negative_weight: float = SamplingConfig.negative_weight):
         self.engine, self.batch, self.strength = engine, batch, strength
         self.settings = dict(steps=steps, cfg_scale=cfg, mode=mode, guidance_steps=guidance_steps,
                              layout_resize=layout_resize, negative_weight=negative_weight)

@@ -34,8 +34,8 @@ import numpy as np
 from cones2.config import SamplingConfig
 from cones2.limits import LAYOUT_RESIZES
 from cones2_train.demo_world.instances import templates_for
-from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, layout_boxes, score_instance,
-                                             score_scene, summarize, summarize_instances)
+from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, layout_boxes, lost_with_guidance,
+                                             score_instance, score_scene, summarize, summarize_instances)
 from cones2_train.demo_world.world import BACKGROUNDS, COLOURS, INSTANCES, Scene, Thing, instance_images, instance_scene
 
 # Two 26-px boxes 6 px apart: the world's object scale (14-26 px). Boxes of 29 x 38 px with a 1-px gap,
@@ -238,8 +238,8 @@ def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT
 
 def save_guidance_misses(folder: Path, n: int, indices, scenes, boxes, images: dict, per_prompt: dict) -> int:
     """Write `<n>subjects_prompt<i>_<kinds>.png`, the unguided image beside the guided one with its layout
-    drawn, for each prompt where guidance lost an object that the unguided image has (kind_ok without,
-    not with): what the fidelity change is made of. Returns how many were written."""
+    drawn, for each prompt where guidance lost an object (`metrics.lost_with_guidance`). Returns how
+    many were written."""
     from PIL import Image
 
     from cones2 import Layout
@@ -248,8 +248,7 @@ def save_guidance_misses(folder: Path, n: int, indices, scenes, boxes, images: d
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     for k, i in enumerate(indices):
-        lost = [o.kind for o, u, g in zip(scenes[k].objects, per_prompt[False][k], per_prompt[True][k])
-                if u.kind_ok and not g.kind_ok]
+        lost = lost_with_guidance(scenes[k], per_prompt[False][k], per_prompt[True][k])
         if not lost:
             continue
         image = images[True][k]

@@ -408,32 +408,22 @@ def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
     assert set(res["residuals"]) == set(INSTANCES) | {"composition", "demo"}
 
 
-def test_saved_guidance_misses_are_exactly_the_lost_objects(tmp_path):
-    """`--save-misses` writes one sheet per prompt where the guided image lost an object that the
-    unguided one has, naming the lost kinds; known images: the world's render (every object found)
-    against the bare background (every object lost) or the render again (nothing lost)."""
-    import importlib.util
-
+def test_lost_with_guidance_names_exactly_the_objects_guidance_lost():
+    """What `--save-misses` writes a sheet for, on known images: the world's render (every object
+    found) against the bare background (every object lost) or the render again (nothing lost)."""
     from PIL import Image
 
-    from cones2_train.demo_world.metrics import eval_scene, layout_boxes, score_scene
+    from cones2_train.demo_world.metrics import eval_scene, layout_boxes, lost_with_guidance, score_scene
 
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    indices = range(10, 13)
-    scenes = [eval_scene(i, 2) for i in indices]
-    boxes = [layout_boxes(s) for s in scenes]
-    renders = [s.render() for s in scenes]
-    blank = Image.new("RGB", renders[0].size, (128, 128, 128))
-    images = {False: renders, True: [blank, renders[1], blank]}      # prompts 10 and 12 lose both objects
-    per_prompt = {g: [score_scene(im, s, b) for im, s, b in zip(images[g], scenes, boxes)] for g in images}
-    written = quality.save_guidance_misses(tmp_path, 2, indices, scenes, boxes, images, per_prompt)
-    expected = {f"2subjects_prompt{i}_{'-'.join(o.kind for o in scenes[k].objects)}.png" for k, i in
-                [(0, 10), (2, 12)]}
-    assert written == 2 and {f.name for f in tmp_path.iterdir()} == expected
-    sheet = Image.open(tmp_path / sorted(expected)[0])
-    assert sheet.width == 2 * sheet.height + 4                     # unguided | guided, side by side
+    scene = eval_scene(10, 2)
+    boxes = layout_boxes(scene)
+    render = scene.render()
+    blank = Image.new("RGB", render.size, (128, 128, 128))
+    found, none = score_scene(render, scene, boxes), score_scene(blank, scene, boxes)
+    assert lost_with_guidance(scene, found, none) == [o.kind for o in scene.objects]
+    assert lost_with_guidance(scene, found, found) == []
+    assert lost_with_guidance(scene, none, none) == []                 # missing either way: not guidance's loss
+    assert lost_with_guidance(scene, none, found) == []
 
 
 def test_instance_folder_and_templates(tmp_path):

@@ -93,6 +93,12 @@ def summarize(scores: list[ObjectScore]) -> dict:
             "containment": float(np.mean(inside)) if inside else 0.0, "misses": dict(misses.most_common())}
 
 
+def lost_with_guidance(scene: Scene, unguided: list[ObjectScore], guided: list[ObjectScore]) -> list[str]:
+    """Kinds of the objects the unguided image has (found with their kind) and the guided one lost:
+    what a negative paired fidelity change is made of."""
+    return [o.kind for o, u, g in zip(scene.objects, unguided, guided) if u.kind_ok and not g.kind_ok]
+
+
 def box_chance(scene: Scene, boxes) -> float:
     """Mean share of the image each object's box covers: layout accuracy of a uniformly random centre."""
     areas = [(boxes[o.kind][2] - boxes[o.kind][0]) * (boxes[o.kind][3] - boxes[o.kind][1]) for o in scene.objects]

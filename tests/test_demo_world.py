@@ -350,6 +350,38 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-5, stage
 
 
+def test_learning_rate_warms_up_holds_then_cools_down():
+    """Warm-up over 2 steps, constant, then a 4-step linear decay ending at peak / 4 (written out by hand)."""
+    from cones2_train.demo_world.stages import lr_at
+
+    got = [lr_at(i, 1.0, 2, steps=10, cooldown=4) for i in range(10)]
+    assert got == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert [lr_at(i, 1.0, 2) for i in range(10)] == pytest.approx([0.5] + [1] * 9)
+
+
+def test_cooldown_extends_a_finished_constant_run(smoke_run, tmp_path):
+    """A finished constant-rate run is extended with a decay (`--steps unet=6 --cooldown 3 --resume`): the
+    optimizer ends at a third of the peak rate, the artefact records the cooldown, and a checkpoint inside the
+    decay refuses a recipe that decays differently or not at all."""
+    import shutil
+
+    from cones2_train.demo_world.train import main
+
+    shutil.copytree(smoke_run[0], tmp_path, dirs_exist_ok=True)
+    common = ["--out", str(tmp_path), "--smoke", "--no-progress", "--resume"]
+    assert main([*common, "--steps", "unet=6", "--cooldown", "3"]) == 0
+    state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
+    lrs = [(g["lr"], g["peak"]) for g in state["optimizer"]["param_groups"]]
+    assert state["step"] == 6 and all(lr == pytest.approx(peak / 3) for lr, peak in lrs)
+    assert state["info"]["decay_start"] == 3
+    from cones2_train.demo_world.stages import read_meta
+
+    assert read_meta(tmp_path / "stages" / "unet.safetensors")["cooldown"] == 3
+    for other in (["--steps", "unet=8"], ["--steps", "unet=8", "--cooldown", "4"]):
+        assert main([*common, *other]) == 2                     # the decay began at step 3 of 6
+    assert main([*common, "--steps", "unet=6", "--cooldown", "7"]) == 2     # longer than the stage
+
+
 def test_cli_user_errors(tmp_path, capsys):
     from cones2_train.demo_world.train import main
 

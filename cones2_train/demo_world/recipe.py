@@ -41,6 +41,11 @@ class Recipe:
     share of striped / two-tone objects, and `name_second`, whether captions name a patterned
     object's second colour (world v2; the text stage then also probes the second colour). At their
     v1 defaults they are left out of the fingerprints, so v1 checkpoints stay valid.
+
+    Learning rates warm up linearly over `warmup_steps`, then stay constant, so a finished run can be
+    extended; `unet_cooldown` > 0 makes the unet stage's rates fall linearly to 0 over its last
+    `unet_cooldown` steps (warm-up, stable, decay), so a constant-rate run can be extended and then
+    cooled down. Like the step counts, it is not in the fingerprint; checkpoints and artefacts record it.
     """
 
     seed: int = 0
@@ -74,6 +79,7 @@ class Recipe:
     caption_dropout: float = 0.1
     dataset_size: int = 40_000
     ema_decay: float = 0.999
+    unet_cooldown: int = 0
     warmup_steps: int = 200
     grad_clip: float = 1.0
     # world (text + unet stages)
@@ -84,6 +90,9 @@ class Recipe:
         for name in ("vae_steps", "text_steps", "unet_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise Cones2Error(f"must be an integer >= 0, got {getattr(self, name)!r}", name)
+        if not isinstance(self.unet_cooldown, int) or not 0 <= self.unet_cooldown <= self.unet_steps:
+            raise Cones2Error(f"must be an integer in [0, unet_steps={self.unet_steps}], got {self.unet_cooldown!r}",
+                              "unet_cooldown")
         for name in ("vae_batch", "text_batch", "unet_batch", "dataset_size", "scale_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise Cones2Error(f"must be an integer >= 1, got {getattr(self, name)!r}", name)
@@ -138,6 +147,14 @@ class Recipe:
 
     def steps(self, stage: str) -> int:
         return getattr(self, f"{stage}_steps")
+
+    def cooldown(self, stage: str) -> int:
+        """Steps at the end of `stage` over which its learning rates decay to 0 (0: none)."""
+        return getattr(self, f"{stage}_cooldown", 0)
+
+    def decay_start(self, stage: str) -> int | None:
+        """The step where `stage`'s learning rates start to fall (None: no cooldown)."""
+        return self.steps(stage) - self.cooldown(stage) if self.cooldown(stage) else None
 
     def with_steps(self, **steps: int) -> "Recipe":
         """A copy with other step counts ({'vae': 10, ...})."""

@@ -52,7 +52,8 @@ class Run:
         """The metadata of a finished artefact made by this recipe with its step count, else None."""
         meta = read_meta(self.artefact(stage))
         r = self.recipe
-        if meta and meta.get("fingerprint") == r.fingerprint(stage) and meta.get("steps") == r.steps(stage):
+        if (meta and meta.get("fingerprint") == r.fingerprint(stage) and meta.get("steps") == r.steps(stage)
+                and meta.get("cooldown", 0) == r.cooldown(stage)):
             return meta
         return None
 
@@ -85,9 +86,27 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def lr_at(step: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then constant (a constant rate lets a finished run be extended)."""
-    return peak * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step: int, peak: float, warmup: int, steps: int | None = None, cooldown: int = 0) -> float:
+    """Linear warm-up, then constant (a constant rate lets a finished run be extended); with a
+    cooldown, linear decay over the last `cooldown` of `steps` (step steps - cooldown runs at the peak,
+    the last step at peak / cooldown)."""
+    rate = peak * min(1.0, (step + 1) / max(1, warmup))
+    if cooldown and steps is not None and step >= steps - cooldown:
+        rate *= (steps - step) / cooldown
+    return rate
+
+
+def check_schedule(recipe: Recipe, stage: str, step: int, saved_decay_start: int | None) -> None:
+    """A checkpoint at `step` continues under this recipe only if both schedules gave the same rates
+    to every step before it: neither had started to decay, or both decay alike."""
+    now = recipe.decay_start(stage)
+    before = [s for s in (saved_decay_start, now) if s is not None and s < step]
+    if before and saved_decay_start != now:
+        def says(s):
+            return "a constant rate" if s is None else f"a decay from step {s}"
+
+        raise Cones2Error(f"the {stage} checkpoint at step {step} was trained with {says(saved_decay_start)}; "
+                          f"this recipe has {says(now)} (--cooldown must match once the decay has begun)", "cooldown")
 
 
 def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimizer, generator, step_fn,
@@ -104,6 +123,7 @@ def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimi
         state = load_state(ckpt, stage, fp)
         if state["step"] > r.steps(stage):
             raise Cones2Error(f"the checkpoint is at step {state['step']}, past --steps {r.steps(stage)}", "steps")
+        check_schedule(r, stage, state["step"], state["info"].get("decay_start"))
         for prefix, module in params.items():
             module.load_state_dict(unprefixed(prefix, state["weights"]))
         optimizer.load_state_dict(state["optimizer"])
@@ -118,7 +138,7 @@ def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimi
         for prefix, module in params.items():
             weights.update(prefixed(prefix, module))
         save_state(ckpt, stage=stage, step=step, fingerprint=fp, weights=weights, optimizer=optimizer,
-                   generator=generator, ema=ema, info=info_now)
+                   generator=generator, ema=ema, info={**info_now, "decay_start": r.decay_start(stage)})
 
     return run_steps(stage, start, r.steps(stage), step_fn, save, log_path=run.out / "log.jsonl", info=info,
                      save_every=run.save_every, progress=run.progress, should_stop=run.should_stop)
@@ -131,6 +151,8 @@ def _finish(run: Run, stage: str, tensors: dict[str, torch.Tensor], info: dict, 
             "ms_per_step": round(1000 * info.get("seconds", 0.0) / max(1, steps), 1),
             "cpu_ms_per_step": round(1000 * info.get("cpu_seconds", 0.0) / max(1, steps), 1),
             "threads": torch.get_num_threads(), "losses": info.get("losses", {}), **extra}
+    if r.cooldown(stage):
+        meta["cooldown"] = r.cooldown(stage)
     write_artefact(run.artefact(stage), tensors, meta)
     return meta
 
@@ -270,7 +292,7 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
 
     def step(i: int) -> dict[str, float]:
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(i, g["peak"], r.warmup_steps)
+            g["lr"] = lr_at(i, g["peak"], r.warmup_steps, r.unet_steps, r.unet_cooldown)
         idx = torch.randint(0, len(table), (r.unet_batch,), generator=generator)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scale
         ids = table.token_ids[idx].clone()

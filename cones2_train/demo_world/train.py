@@ -3,6 +3,7 @@
     python -m cones2_train.demo_world.train --out runs/demo              # all stages, then OUT/model
     python -m cones2_train.demo_world.train --out runs/demo --resume     # continue after Ctrl-C
     python -m cones2_train.demo_world.train --out runs/demo --stage unet --steps 10000 --resume  # extend
+    python -m cones2_train.demo_world.train --out runs/demo --steps unet=9500 --cooldown 1500 --resume  # + decay
 
 Stages run in order vae -> text -> unet; a finished stage (same recipe and step count) is skipped.
 `OUT/model` is the diffusers directory `cones2.Engine.from_pretrained` loads. Exit codes: 0 done,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cones2 import Cones2Error
@@ -36,6 +38,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     p.add_argument("--steps", action="append", default=[], metavar="N or STAGE=N",
                    help="step count of --stage (or STAGE=N for any stage; repeatable); default: the recipe's")
+    p.add_argument("--cooldown", type=int, default=0, metavar="N",
+                   help="the unet stage's learning rates fall linearly to 0 over its last N steps (default 0: "
+                        "constant; a finished constant run can be extended with --steps unet=M --cooldown N --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-from", metavar="MODEL_DIR",
@@ -70,7 +75,11 @@ def recipe_from_args(args) -> Recipe:
             raise Cones2Error(f"must be an integer, got {value!r}", "steps") from None
         if steps[stage] < 1:
             raise Cones2Error(f"must be >= 1, got {steps[stage]}", "steps")
-    return recipe.with_steps(**steps)
+    recipe = recipe.with_steps(**steps)
+    cooldown = getattr(args, "cooldown", 0)
+    if not 0 <= cooldown <= recipe.unet_steps:
+        raise Cones2Error(f"must lie in [0, {recipe.unet_steps}] (the unet stage's steps), got {cooldown}", "cooldown")
+    return replace(recipe, unet_cooldown=cooldown)
 
 
 def train(out: str | Path, recipe: Recipe, stage: str = "all", *, resume: bool = False, save_every: int = 200,

@@ -34,8 +34,9 @@ import numpy as np
 from cones2.config import SamplingConfig
 from cones2.limits import LAYOUT_RESIZES
 from cones2_train.demo_world.instances import templates_for
-from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, layout_boxes, lost_with_guidance,
-                                             score_instance, score_scene, summarize, summarize_instances)
+from cones2_train.demo_world.metrics import (LAYOUT_MARGIN, box_chance, eval_scene, guidance_loss_geometry, layout_boxes,
+                                             lost_with_guidance, score_instance, score_scene, summarize,
+                                             summarize_instances)
 from cones2_train.demo_world.world import BACKGROUNDS, COLOURS, INSTANCES, Scene, Thing, instance_images, instance_scene
 
 # Two 26-px boxes 6 px apart: the world's object scale (14-26 px). Boxes of 29 x 38 px with a 1-px gap,
@@ -227,6 +228,7 @@ def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT
             row["guided" if guided else "unguided"] = {**summarize(scores), "by_size": fidelity_by_size(scenes, scores)}
         row["fidelity_change"] = paired_fidelity_change({g: [[x.kind_ok for x in p] for p in per_prompt[g]]
                                                          for g in per_prompt})
+        row["guidance_losses"] = guidance_loss_geometry(*([x for p in per_prompt[g] for x in p] for g in (False, True)))
         if misses_dir is not None:
             row["saved_misses"] = save_guidance_misses(Path(misses_dir), n, indices, scenes, boxes, images, per_prompt)
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -359,8 +361,9 @@ def evaluate_demo(source, residuals: dict, prompts: int) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------------------
 def layout_details(layout: dict) -> list[str]:
-    """Per subject count: how each fidelity miss happened, fidelity by object size, and the paired
-    change of fidelity with guidance with its 95 % interval."""
+    """Per subject count: how each fidelity miss happened, fidelity by object size, the paired change
+    of fidelity with guidance with its 95 % interval, and how the objects guidance lost differ from
+    those it kept (size and unguided place: `metrics.guidance_loss_geometry`)."""
     def row_lines(title, fmt):
         return ["", title, *[f"- {n} subject(s): {fmt(row)}" for n, row in layout.items()]]
 
@@ -377,11 +380,27 @@ def layout_details(layout: dict) -> list[str]:
         c = row["fidelity_change"]
         return f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
 
+    def geometry(row):
+        g = row["guidance_losses"]
+
+        def group(name):
+            x = g[name]
+            if not x["objects"]:
+                return f"{name} 0"
+            ratio = "-" if x["area_ratio_median"] is None else f"{x['area_ratio_median']:.2f}"
+            return f"{name} {x['objects']}: area with / w/o {ratio}, offset w/o {x['unguided_offset_median']:.2f}"
+
+        bins = ", ".join(f"{b} {v['lost']:.3f} ({v['objects']})" for b, v in g["lost_by_unguided_offset"].items()
+                         if v["objects"])
+        return f"{group('lost')}; {group('kept')}; share lost by offset w/o: {bins}"
+
     if not layout:
         return []
     return (row_lines("fidelity misses (asked kind -> kind found in that colour):", misses)
             + row_lines("fidelity w/o / with guidance by object side (objects):", sizes)
-            + row_lines("fidelity with minus without guidance, paired by prompt (95 % interval):", change))
+            + row_lines("fidelity with minus without guidance, paired by prompt (95 % interval):", change)
+            + row_lines("objects guidance lost vs kept (medians; offset: unguided centre from the box centre in half "
+                        "box sides, <= 1 inside):", geometry))
 
 
 def format_tables(results: dict) -> str:

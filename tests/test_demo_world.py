@@ -19,8 +19,8 @@ import torch
 
 from cones2 import Cones2Error
 from cones2_train.demo_world import detector
-from cones2_train.demo_world.world import (BACKGROUNDS, COLOURS, INSTANCES, KINDS, WorldConfig, instance_scene,
-                                           make_scene)
+from cones2_train.demo_world.world import (BACKGROUNDS, COLOURS, INSTANCES, KINDS, Scene, WorldConfig,
+                                           instance_scene, make_scene)
 
 PATTERNED = WorldConfig(p_pattern=0.4)
 
@@ -456,6 +456,44 @@ def test_lost_with_guidance_names_exactly_the_objects_guidance_lost():
     assert lost_with_guidance(scene, found, found) == []
     assert lost_with_guidance(scene, none, none) == []                 # missing either way: not guidance's loss
     assert lost_with_guidance(scene, none, found) == []
+
+
+def test_object_area_and_offset_from_its_box_on_known_renders():
+    """On the world's render: each object's found area is its drawn pixels, its offset is ~0 from its
+    own (grown) box, and ~2 half sides from a box of its size moved one width to the right."""
+    from cones2_train.demo_world.metrics import eval_scene, layout_boxes, score_scene
+
+    scene = eval_scene(3, 2)
+    render = scene.render()
+    for s in score_scene(render, scene, layout_boxes(scene)):
+        assert s.kind_ok and s.offset < 0.15
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box
+        width = x1 - x0
+        moved = {o.kind: ((x0 + width) / 64, y0 / 64, (x1 + width) / 64, y1 / 64)}
+        single = Scene((o,), scene.background, "")
+        [s] = score_scene(single.render(), single, moved)
+        assert s.offset == pytest.approx(2.0, abs=1.5 / width) and not s.in_box
+        half_covered = int((single.coverage()[0] >= 0.5).sum())       # the detector's foreground rule
+        assert abs(s.area - half_covered) <= 0.05 * half_covered
+
+
+def test_guidance_loss_geometry_by_hand():
+    """Three objects found unguided (one lost with guidance, drawn at a quarter of its area), one never
+    found: medians and per-offset shares written out by hand."""
+    from cones2_train.demo_world.metrics import ObjectScore, guidance_loss_geometry
+
+    def score(ok, area, offset):
+        return ObjectScore("red", "star", area is not None, ok, offset is not None and offset <= 1, None, None,
+                           area, offset)
+
+    unguided = [score(True, 100, 0.5), score(True, 200, 1.5), score(True, 100, 2.5), score(False, None, None)]
+    guided = [score(True, 90, 0.2), score(False, 50, 0.9), score(True, 70, 0.4), score(True, 80, 0.1)]
+    g = guidance_loss_geometry(unguided, guided)
+    assert g["lost"] == {"objects": 1, "area_ratio_median": 0.25, "unguided_offset_median": 1.5}
+    assert g["kept"] == {"objects": 2, "area_ratio_median": pytest.approx(0.8), "unguided_offset_median": 1.5}
+    assert g["lost_by_unguided_offset"] == {"0-1": {"objects": 1, "lost": 0.0}, "1-2": {"objects": 1, "lost": 1.0},
+                                            "2-3": {"objects": 1, "lost": 0.0}, "3-inf": {"objects": 0, "lost": None}}
 
 
 def test_instance_folder_and_templates(tmp_path):

@@ -42,7 +42,8 @@ class ObjectScore:
     """One named object in one image: present (its colour found), kind_ok (found with the right
     kind), in_box (the found region's centre inside the assigned box), inside (the share of the
     found region's pixels inside the box; None when not found), found_kind (the kind the detector
-    gave the region; None when not found)."""
+    gave the region; None when not found), area (the region's pixels), offset (how far the region's
+    centre lies from the box centre, per axis in half box sides, the larger axis: <= 1 inside the box)."""
 
     colour: str
     kind: str
@@ -51,6 +52,8 @@ class ObjectScore:
     in_box: bool
     inside: float | None = None
     found_kind: str | None = None
+    area: int | None = None
+    offset: float | None = None
 
 
 def score_scene(image, scene: Scene, boxes: dict[str, tuple[float, float, float, float]]) -> list[ObjectScore]:
@@ -60,14 +63,16 @@ def score_scene(image, scene: Scene, boxes: dict[str, tuple[float, float, float,
     for o in scene.objects:
         hit = find_colour_region(image, o.colour)
         found = None if hit is None else hit[0]
-        in_box, inside = False, None
+        in_box, inside, offset = False, None, None
         if found is not None:
             cx, cy = found.centre
             x0, y0, x1, y1 = boxes[o.kind]
             in_box = x0 * w <= cx <= x1 * w and y0 * h <= cy <= y1 * h
             inside = containment(hit[1], boxes[o.kind])
+            offset = max(abs(2 * cx / w - x0 - x1) / (x1 - x0), abs(2 * cy / h - y0 - y1) / (y1 - y0))
         scores.append(ObjectScore(o.colour, o.kind, found is not None, found is not None and found.kind == o.kind,
-                                  in_box, inside, None if found is None else found.kind))
+                                  in_box, inside, None if found is None else found.kind,
+                                  None if found is None else found.area, offset))
     return scores
 
 
@@ -97,6 +102,30 @@ def lost_with_guidance(scene: Scene, unguided: list[ObjectScore], guided: list[O
     """Kinds of the objects the unguided image has (found with their kind) and the guided one lost:
     what a negative paired fidelity change is made of."""
     return [o.kind for o, u, g in zip(scene.objects, unguided, guided) if u.kind_ok and not g.kind_ok]
+
+
+OFFSET_BINS = ((0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, float("inf")))
+
+
+def guidance_loss_geometry(unguided: list[ObjectScore], guided: list[ObjectScore]) -> dict:
+    """How the objects guidance lost differ from those it kept (paired scores of the same objects; only
+    objects the unguided image has with their kind count). For each group: how many, the median of
+    guided area / unguided area over those found in their colour with guidance (drawn smaller?), and
+    of the unguided offset from the box (drawn far away, then pulled in?); and the share lost per bin
+    of unguided offset."""
+    pairs = [(u, g) for u, g in zip(unguided, guided) if u.kind_ok]
+    out = {}
+    for name, group in (("lost", [p for p in pairs if not p[1].kind_ok]), ("kept", [p for p in pairs if p[1].kind_ok])):
+        ratios = [g.area / u.area for u, g in group if g.area]
+        out[name] = {"objects": len(group),
+                     "area_ratio_median": float(np.median(ratios)) if ratios else None,
+                     "unguided_offset_median": float(np.median([u.offset for u, _ in group])) if group else None}
+    by_offset = {}
+    for lo, hi in OFFSET_BINS:
+        lost = [not g.kind_ok for u, g in pairs if lo <= u.offset < hi]
+        by_offset[f"{lo:g}-{hi:g}"] = {"objects": len(lost), "lost": float(np.mean(lost)) if lost else None}
+    out["lost_by_unguided_offset"] = by_offset
+    return out
 
 
 def box_chance(scene: Scene, boxes) -> float:

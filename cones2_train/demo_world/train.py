@@ -75,11 +75,7 @@ def recipe_from_args(args) -> Recipe:
             raise Cones2Error(f"must be an integer, got {value!r}", "steps") from None
         if steps[stage] < 1:
             raise Cones2Error(f"must be >= 1, got {steps[stage]}", "steps")
-    recipe = recipe.with_steps(**steps)
-    cooldown = getattr(args, "cooldown", 0)
-    if not 0 <= cooldown <= recipe.unet_steps:
-        raise Cones2Error(f"must lie in [0, {recipe.unet_steps}] (the unet stage's steps), got {cooldown}", "cooldown")
-    return replace(recipe, unet_cooldown=cooldown)
+    return replace(recipe.with_steps(**steps), unet_cooldown=args.cooldown)     # Recipe checks the range
 
 
 def train(out: str | Path, recipe: Recipe, stage: str = "all", *, resume: bool = False, save_every: int = 200,

@@ -15,16 +15,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cones2.attention.backends import rectification_bias
+
 
 class RecordingAttnProcessor:
     """diffusers attention processor: plain attention, and for cross-attention layers whose query
     count is in `levels` it keeps the head-averaged probabilities (B, N, 77) in `self.maps` while
-    `self.recording` is True. Self-attention uses scaled_dot_product_attention."""
+    `self.recording` is True. Self-attention uses scaled_dot_product_attention. While
+    `self.rectification` is (weights {N: (B, N, 77)}, coef (B,)), cross-attention is SPEC 3's
+    rectified attention (the engine's `rectification_bias`; coef 0 = plain for that sample)."""
 
     def __init__(self, levels: tuple[int, ...] = (64, 16)):
         self.levels = set(levels)
         self.recording = False
         self.maps: list[torch.Tensor] = []
+        self.rectification: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attention_mask is not None or hidden_states.ndim != 3 or attn.group_norm is not None \
@@ -36,12 +41,17 @@ class RecordingAttnProcessor:
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         d = k.shape[-1] // attn.heads
         q, k, v = (x.view(b, -1, attn.heads, d).transpose(1, 2) for x in (q, k, v))
+        bias = None
+        if is_cross and self.rectification is not None:
+            weights, coef = self.rectification
+            bias = rectification_bias(q, k, weights[n], coef, attn.scale)                # (B, 1, N, M)
         if is_cross and self.recording and n in self.levels:
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)       # (B, H, N, M)
+            logits = (q @ k.transpose(-1, -2)) * attn.scale
+            probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)    # (B, H, N, M)
             self.maps.append(probs.mean(dim=1))
             out = probs @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
         out = out.transpose(1, 2).reshape(b, n, attn.heads * d)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor

@@ -45,7 +45,9 @@ class Recipe:
     Learning rates warm up linearly over `warmup_steps`, then stay constant, so a finished run can be
     extended; `unet_cooldown` > 0 makes the unet stage's rates fall linearly to 0 over its last
     `unet_cooldown` steps (warm-up, stable, decay), so a constant-rate run can be extended and then
-    cooled down. Like the step counts, it is not in the fingerprint; checkpoints and artefacts record it.
+    cooled down. `unet_guided_tail` > 0 trains a `guided_fraction` of the samples at guided timesteps
+    of the unet stage's last `unet_guided_tail` steps under layout guidance (`guided_training`). Like
+    the step counts, neither is in the fingerprint; checkpoints and artefacts record them.
     """
 
     seed: int = 0
@@ -80,6 +82,8 @@ class Recipe:
     dataset_size: int = 40_000
     ema_decay: float = 0.999
     unet_cooldown: int = 0
+    unet_guided_tail: int = 0
+    guided_fraction: float = 0.5
     warmup_steps: int = 200
     grad_clip: float = 1.0
     # world (text + unet stages)
@@ -93,6 +97,11 @@ class Recipe:
         if not isinstance(self.unet_cooldown, int) or not 0 <= self.unet_cooldown <= self.unet_steps:
             raise Cones2Error(f"must be an integer in [0, unet_steps={self.unet_steps}], got {self.unet_cooldown!r}",
                               "unet_cooldown")
+        if not isinstance(self.unet_guided_tail, int) or not 0 <= self.unet_guided_tail <= self.unet_steps:
+            raise Cones2Error(f"must be an integer in [0, unet_steps={self.unet_steps}], got {self.unet_guided_tail!r}",
+                              "unet_guided_tail")
+        if not 0 < self.guided_fraction <= 1:
+            raise Cones2Error(f"must be in (0, 1], got {self.guided_fraction!r}", "guided_fraction")
         for name in ("vae_batch", "text_batch", "unet_batch", "dataset_size", "scale_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise Cones2Error(f"must be an integer >= 1, got {getattr(self, name)!r}", name)
@@ -155,6 +164,18 @@ class Recipe:
     def decay_start(self, stage: str) -> int | None:
         """The step where `stage`'s learning rates start to fall (None: no cooldown)."""
         return self.steps(stage) - self.cooldown(stage) if self.cooldown(stage) else None
+
+    def guided_start(self, stage: str) -> int | None:
+        """The step where `stage` starts to train samples under layout guidance (None: never)."""
+        tail = getattr(self, f"{stage}_guided_tail", 0)
+        return self.steps(stage) - tail if tail else None
+
+    def tail_phases(self, stage: str) -> dict:
+        """What changes over `stage`'s last steps, as checkpoints and artefacts record it: where the
+        learning-rate decay starts, where guided training starts and its sample share."""
+        guided = self.guided_start(stage)
+        return {"decay_start": self.decay_start(stage), "guided_start": guided,
+                "guided_fraction": self.guided_fraction if guided is not None else None}
 
     def with_steps(self, **steps: int) -> "Recipe":
         """A copy with other step counts ({'vae': 10, ...})."""

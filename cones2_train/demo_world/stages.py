@@ -23,10 +23,11 @@ from . import models
 from .data import (COLOUR_LIST, CaptionTable, caption_table, empty_caption_ids, encode_latents, object_weights,
                    scenes, to_pixels)
 from .grounding import RecordingAttnProcessor, grounding_loss
+from .guided_training import MAX_MARGIN, guided_coefficients, level_shapes, rectification_maps
 from .loop import run_steps
 from .recipe import STAGES, Recipe
 from .state import load_state, save_state
-from .world import PATTERNS, make_scene
+from .world import IMAGE_SIZE, PATTERNS, make_scene
 
 VAE_SCENE_OFFSET = 1       # the VAE sees scenes of seed + 1: a stream apart from the UNet's dataset
 
@@ -53,7 +54,7 @@ class Run:
         meta = read_meta(self.artefact(stage))
         r = self.recipe
         if (meta and meta.get("fingerprint") == r.fingerprint(stage) and meta.get("steps") == r.steps(stage)
-                and meta.get("cooldown", 0) == r.cooldown(stage)):
+                and meta.get("cooldown", 0) == r.cooldown(stage) and meta.get("guided", None) == guided_meta(r, stage)):
             return meta
         return None
 
@@ -96,17 +97,29 @@ def lr_at(step: int, peak: float, warmup: int, steps: int | None = None, cooldow
     return rate
 
 
-def check_schedule(recipe: Recipe, stage: str, step: int, saved_decay_start: int | None) -> None:
-    """A checkpoint at `step` continues under this recipe only if both schedules gave the same rates
-    to every step before it: neither had started to decay, or both decay alike."""
-    now = recipe.decay_start(stage)
-    before = [s for s in (saved_decay_start, now) if s is not None and s < step]
-    if before and saved_decay_start != now:
-        def says(s):
-            return "a constant rate" if s is None else f"a decay from step {s}"
+def guided_meta(recipe: Recipe, stage: str) -> dict | None:
+    """How an artefact records guided training: {"tail", "fraction"}, or None without it."""
+    start = recipe.guided_start(stage)
+    return None if start is None else {"tail": recipe.steps(stage) - start, "fraction": recipe.guided_fraction}
 
-        raise Cones2Error(f"the {stage} checkpoint at step {step} was trained with {says(saved_decay_start)}; "
-                          f"this recipe has {says(now)} (--cooldown must match once the decay has begun)", "cooldown")
+
+def check_schedule(recipe: Recipe, stage: str, step: int, saved: dict) -> None:
+    """A checkpoint at `step` continues under this recipe only if both trained every step before it
+    alike: for each tail phase (learning-rate decay, guided training), neither had begun, or both
+    began at the same step with the same settings. saved: the checkpoint's `tail_phases`."""
+    now = recipe.tail_phases(stage)
+    phases = ((("decay_start",), "cooldown", "a constant rate", "a decay from step {decay_start}"),
+              (("guided_start", "guided_fraction"), "guided-tail", "no guided training",
+               "guided training of {guided_fraction} of the samples from step {guided_start}"))
+    for keys, flag, off, on in phases:
+        old, new = ({k: d.get(k) for k in keys} for d in (saved, now))
+        began = [d[keys[0]] for d in (old, new) if d[keys[0]] is not None and d[keys[0]] < step]
+        if began and old != new:
+            def says(d):
+                return off if d[keys[0]] is None else on.format(**d)
+
+            raise Cones2Error(f"the {stage} checkpoint at step {step} was trained with {says(old)}; this recipe has "
+                              f"{says(new)} (--{flag} must match once it has begun)", flag.replace("-", "_"))
 
 
 def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimizer, generator, step_fn,
@@ -123,7 +136,7 @@ def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimi
         state = load_state(ckpt, stage, fp)
         if state["step"] > r.steps(stage):
             raise Cones2Error(f"the checkpoint is at step {state['step']}, past --steps {r.steps(stage)}", "steps")
-        check_schedule(r, stage, state["step"], state["info"].get("decay_start"))
+        check_schedule(r, stage, state["step"], state["info"])
         for prefix, module in params.items():
             module.load_state_dict(unprefixed(prefix, state["weights"]))
         optimizer.load_state_dict(state["optimizer"])
@@ -138,7 +151,7 @@ def _stage_loop(run: Run, stage: str, params: dict[str, torch.nn.Module], optimi
         for prefix, module in params.items():
             weights.update(prefixed(prefix, module))
         save_state(ckpt, stage=stage, step=step, fingerprint=fp, weights=weights, optimizer=optimizer,
-                   generator=generator, ema=ema, info={**info_now, "decay_start": r.decay_start(stage)})
+                   generator=generator, ema=ema, info={**info_now, **r.tail_phases(stage)})
 
     return run_steps(stage, start, r.steps(stage), step_fn, save, log_path=run.out / "log.jsonl", info=info,
                      save_every=run.save_every, progress=run.progress, should_stop=run.should_stop)
@@ -153,6 +166,8 @@ def _finish(run: Run, stage: str, tensors: dict[str, torch.Tensor], info: dict, 
             "threads": torch.get_num_threads(), "losses": info.get("losses", {}), **extra}
     if r.cooldown(stage):
         meta["cooldown"] = r.cooldown(stage)
+    if guided_meta(r, stage) is not None:
+        meta["guided"] = guided_meta(r, stage)
     write_artefact(run.artefact(stage), tensors, meta)
     return meta
 
@@ -280,6 +295,9 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
     unet.train()
     recorder = RecordingAttnProcessor(levels=r.grounding_levels())
     unet.set_attn_processor(recorder)
+    guided_from = r.guided_start("unet")
+    coefficients = guided_coefficients()
+    shapes = level_shapes(r.latent_size, len(r.unet_channels))
     optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": r.unet_lr, "peak": r.unet_lr},
                                    {"params": list(te.parameters()), "lr": r.text_lr_joint, "peak": r.text_lr_joint}],
                                   weight_decay=1e-2)
@@ -305,9 +323,17 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
         ac = alphas[t].view(-1, 1, 1, 1)
         noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
         target = noise if r.prediction_type == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * latents
+        if guided_from is not None and i >= guided_from:
+            coef = coefficients[t]
+            chosen = (coef > 0) & valid.any(1) & (torch.rand(r.unet_batch, generator=generator) < r.guided_fraction)
+            margins = torch.randint(0, MAX_MARGIN + 1, valid.shape, generator=generator)
+            maps = rectification_maps(positions, table.boxes[idx], valid, chosen, margins, IMAGE_SIZE, shapes)
+            recorder.rectification = (maps, torch.where(chosen, coef, torch.zeros_like(coef)))
+            valid = valid & ~chosen[:, None]          # rectified maps satisfy the grounding losses by construction
         recorder.recording = r.grounding_weight > 0 or r.pixel_weight > 0
         pred = unet(noisy, t, te(ids)[0]).sample
         recorder.recording = False
+        recorder.rectification = None
         mse = F.mse_loss(pred, target)
         token, pixel = grounding_loss(recorder.take(), positions, table.boxes[idx], valid)
         loss = mse + r.grounding_weight * token + r.pixel_weight * pixel

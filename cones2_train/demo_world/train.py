@@ -41,6 +41,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--cooldown", type=int, default=0, metavar="N",
                    help="the unet stage's learning rates fall linearly to 0 over its last N steps (default 0: "
                         "constant; a finished constant run can be extended with --steps unet=M --cooldown N --resume)")
+    p.add_argument("--guided-tail", type=int, default=0, metavar="N",
+                   help="over the unet stage's last N steps, train --guided-fraction of the samples at guided "
+                        "timesteps under layout guidance with their own boxes (default 0: never)")
+    p.add_argument("--guided-fraction", type=float, default=Recipe.guided_fraction, metavar="P",
+                   help=f"share of samples at guided timesteps trained under guidance (default {Recipe.guided_fraction})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-from", metavar="MODEL_DIR",
@@ -75,7 +80,9 @@ def recipe_from_args(args) -> Recipe:
             raise Cones2Error(f"must be an integer, got {value!r}", "steps") from None
         if steps[stage] < 1:
             raise Cones2Error(f"must be >= 1, got {steps[stage]}", "steps")
-    return replace(recipe.with_steps(**steps), unet_cooldown=args.cooldown)     # Recipe checks the range
+    return replace(recipe.with_steps(**steps), unet_cooldown=args.cooldown,      # Recipe checks the ranges
+                   unet_guided_tail=getattr(args, "guided_tail", 0),
+                   guided_fraction=getattr(args, "guided_fraction", Recipe.guided_fraction))
 
 
 def train(out: str | Path, recipe: Recipe, stage: str = "all", *, resume: bool = False, save_every: int = 200,

@@ -24,7 +24,7 @@ from . import limits
 from .errors import Cones2Error, quote
 from .limits import MAX_PROMPT_CHARS, MAX_SUBJECTS  # re-exported: the bounds live in cones2.limits
 from .image import decode_latents, png_info
-from .layout import Layout
+from .layout import Layout, level_shapes
 from .loading import Components, load_components, parse_device, parse_dtype
 from .residual import Residual
 from .backends import ATTENTION, RUNNER, default_backends, select_backend
@@ -233,12 +233,8 @@ class Engine:
 
     def level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(h, w) of every attention resolution for an output of height x width pixels."""
-        h, w = height // self.vae_scale, width // self.vae_scale
-        shapes = []
-        for _ in self.unet.config.block_out_channels:
-            shapes.append((h, w))
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return shapes
+        return level_shapes(height // self.vae_scale, width // self.vae_scale,
+                            len(self.unet.config.block_out_channels))
 
     def runner(self, backend: str | None = None, **options):
         """The UNet runner for `backend` (built once, then reused; options rebuild it)."""

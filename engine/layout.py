@@ -194,6 +194,16 @@ class Layout:
         return maps
 
 
+def level_shapes(latent_height: int, latent_width: int, levels: int) -> list[tuple[int, int]]:
+    """(h, w) of a UNet's attention resolutions, finest first: each of its `levels` down blocks halves
+    the latent (rounding up). What `Layout.weight_maps` resizes each subject's map to."""
+    shapes, h, w = [], latent_height, latent_width
+    for _ in range(levels):
+        shapes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return shapes
+
+
 def parse_color(key) -> tuple[int, int, int]:
     """(r, g, b) from a tuple, "r,g,b" or "#rrggbb"."""
     try:

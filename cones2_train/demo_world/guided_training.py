@@ -32,15 +32,6 @@ def guided_coefficients(num_train_timesteps: int = 1000) -> torch.Tensor:
     return torch.tensor(coef, dtype=torch.float32)
 
 
-def level_shapes(latent_side: int, levels: int) -> list[tuple[int, int]]:
-    """(h, w) of the UNet's attention resolutions for a square latent: each level halves it."""
-    shapes, side = [], latent_side
-    for _ in range(levels):
-        shapes.append((side, side))
-        side = (side + 1) // 2
-    return shapes
-
-
 def rectification_maps(positions: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, chosen: torch.Tensor,
                        margins: torch.Tensor, image_size: int, shapes: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
     """SPEC 3 weight maps W (B, h*w, 77) per level for a training batch, built by `Layout.weight_maps`.
@@ -67,5 +58,4 @@ def rectification_maps(positions: torch.Tensor, boxes: torch.Tensor, valid: torc
     return maps
 
 
-__all__ = ["SAMPLING_STEPS", "GUIDED_STEPS", "MAX_MARGIN", "guided_coefficients", "level_shapes",
-           "rectification_maps"]
+__all__ = ["SAMPLING_STEPS", "GUIDED_STEPS", "MAX_MARGIN", "guided_coefficients", "rectification_maps"]

@@ -18,12 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cones2 import Cones2Error
+from cones2.layout import level_shapes
 
 from . import models
 from .data import (COLOUR_LIST, CaptionTable, caption_table, empty_caption_ids, encode_latents, object_weights,
                    scenes, to_pixels)
 from .grounding import RecordingAttnProcessor, grounding_loss
-from .guided_training import MAX_MARGIN, guided_coefficients, level_shapes, rectification_maps
+from .guided_training import MAX_MARGIN, guided_coefficients, rectification_maps
 from .loop import run_steps
 from .recipe import STAGES, Recipe
 from .state import load_state, save_state
@@ -297,7 +298,7 @@ def train_unet(run: Run, table: CaptionTable) -> dict:
     unet.set_attn_processor(recorder)
     guided_from = r.guided_start("unet")
     coefficients = guided_coefficients()
-    shapes = level_shapes(r.latent_size, len(r.unet_channels))
+    shapes = level_shapes(r.latent_size, r.latent_size, len(r.unet_channels))
     optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": r.unet_lr, "peak": r.unet_lr},
                                    {"params": list(te.parameters()), "lr": r.text_lr_joint, "peak": r.text_lr_joint}],
                                   weight_decay=1e-2)

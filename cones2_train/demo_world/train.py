@@ -81,8 +81,7 @@ def recipe_from_args(args) -> Recipe:
         if steps[stage] < 1:
             raise Cones2Error(f"must be >= 1, got {steps[stage]}", "steps")
     return replace(recipe.with_steps(**steps), unet_cooldown=args.cooldown,      # Recipe checks the ranges
-                   unet_guided_tail=getattr(args, "guided_tail", 0),
-                   guided_fraction=getattr(args, "guided_fraction", Recipe.guided_fraction))
+                   unet_guided_tail=args.guided_tail, guided_fraction=args.guided_fraction)
 
 
 def train(out: str | Path, recipe: Recipe, stage: str = "all", *, resume: bool = False, save_every: int = 200,

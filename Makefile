@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 # Three subjects, layout-guided, on the embedded demo model: two trained residuals (a two-tone red|green
 # heart, a two-tone purple|yellow triangle) composed with a plain blue star, each in its box
 # -> out/demo.png + out/demo.preview.png (the layout drawn over the image). docs/demo_model.md.
-DEMO_RESIDUALS := engine/data/demo_model/residuals
+DEMO_RESIDUALS := engine/cones2/data/demo_model/residuals
 demo: setup
 	$(CLI) generate --prompt "a heart, a triangle and a blue star on a sand background" \
 		--subject heart=$(DEMO_RESIDUALS)/twotone_heart.safetensors \

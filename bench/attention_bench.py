@@ -32,13 +32,14 @@ def unavailable(backend: str, device: torch.device) -> str | None:
         return None
     if backend == "triton":
         try:
-            from cones2.kernels import interpreting
+            from cones2.kernels.triton_rectified import interpreting
         except ImportError as exc:
             return f"triton is not installed ({exc})"
         return None if device.type == "cuda" or interpreting() else "needs CUDA (or TRITON_INTERPRET=1)"
     if device.type != "cuda":
         return "the CUDA twin needs a CUDA device"
-    from cones2.kernels import KernelUnavailableError, cuda_loader
+    from cones2.kernels.errors import KernelUnavailableError
+    from cones2.kernels import cuda_loader
 
     try:
         cuda_loader.load_library()

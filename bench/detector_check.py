@@ -113,7 +113,7 @@ def score(regions) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(HERE.parent / "engine" / "data" / "demo_model"),
+    p.add_argument("--model", default=str(HERE.parent / "engine" / "cones2" / "data" / "demo_model"),
                    help="demo model directory whose VAE decodes (default: the shipped one), or a run's "
                         "stages/vae.safetensors")
     p.add_argument("--scenes", type=int, default=40, help="check scenes per subject count (1-4)")

@@ -82,7 +82,7 @@ def implementations(names: list[str], device: torch.device) -> tuple[dict, dict]
     calls, skipped = {}, {}
     if "triton" in names:
         try:
-            from cones2.kernels import interpreting, rectified_cross_attention
+            from cones2.kernels.triton_rectified import interpreting, rectified_cross_attention
             if device.type != "cuda" and not interpreting():
                 skipped["triton"] = "needs CUDA (or TRITON_INTERPRET=1)"
             else:
@@ -90,7 +90,8 @@ def implementations(names: list[str], device: torch.device) -> tuple[dict, dict]
         except ImportError as exc:
             skipped["triton"] = f"cannot import the Triton kernel: {exc}"
     if "cuda" in names:
-        from cones2.kernels import KernelUnavailableError, cuda_loader
+        from cones2.kernels.errors import KernelUnavailableError
+        from cones2.kernels import cuda_loader
         try:
             if device.type != "cuda":
                 raise KernelUnavailableError("needs a CUDA device")
@@ -107,7 +108,7 @@ def implementations(names: list[str], device: torch.device) -> tuple[dict, dict]
 
 def check_std(q, k, coef, sd64, dtype_name: str) -> dict:
     """The Triton pre-pass std against the float64 std (guided samples; coef 0 ones must be 0)."""
-    from cones2.kernels import logit_std
+    from cones2.kernels.triton_rectified import logit_std
 
     sd = logit_std(q, k, coef).double().cpu()
     guided = coef.cpu() != 0

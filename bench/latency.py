@@ -165,7 +165,8 @@ def run(args) -> int:
 
 def _cuda_twin(skipped: dict) -> list[str]:
     """['cuda'] when the CUDA twin library loads, else a skip reason."""
-    from cones2.kernels import KernelUnavailableError, cuda_loader
+    from cones2.kernels.errors import KernelUnavailableError
+    from cones2.kernels import cuda_loader
 
     try:
         cuda_loader.load_library()

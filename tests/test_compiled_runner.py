@@ -1,4 +1,4 @@
-"""The compiled UNet runner (`Engine(..., compile=True)`, engine/compiled.py) on the CPU (inductor):
+"""The compiled UNet runner (`Engine(..., compile=True)`, engine/cones2/compiled.py) on the CPU (inductor):
 it computes what the eager runner computes, and new prompts, residuals and layouts never recompile.
 
 Compiling the tiny UNet with inductor costs 1-2 minutes of C++ compilation per pair of graphs on a

@@ -187,7 +187,7 @@ def test_detector_kinds_survive_the_demo_vae_and_match_hand_labels():
     from diffusers import AutoencoderKL
 
     root = Path(__file__).resolve().parents[1]
-    vae = AutoencoderKL.from_pretrained(root / "engine" / "data" / "demo_model" / "vae").float().eval()
+    vae = AutoencoderKL.from_pretrained(root / "engine" / "cones2" / "data" / "demo_model" / "vae").float().eval()
     right = total = 0
     for n in (1, 2, 3, 4):
         for i in range(10):

@@ -1,4 +1,4 @@
-"""`fast` mode: DPM-Solver++ 2M on the training sigmas (engine/solvers.py), its defaults, and how
+"""`fast` mode: DPM-Solver++ 2M on the training sigmas (engine/cones2/solvers.py), its defaults, and how
 self-recurrence shares the multistep history.
 
 The solver is checked against diffusers' own DPMSolverMultistepScheduler run as a plain loop over an

@@ -1,7 +1,7 @@
 """The house rules of README's layout table, enforced over the source tree with `ast`.
 
-kernels/ is a leaf (torch, triton, the standard library); the engine core (engine/ without serve/
-and cli/) never imports serve, export, bench or training, not even by an importlib string; the
+kernels/ is a leaf (torch, triton, the standard library); the engine core (engine/cones2 without
+serve/ and cli/) never imports serve, export, bench or training, not even by an importlib string; the
 service uses only the public engine API; nothing imports bench/.
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_OF_FOLDER = {"engine": "cones2", "kernels": "cones2.kernels", "export": "cones2.export",
+# engine/ is a src-layout root (engine/cones2 is the package); kernels/ and export/ are its namespace
+# subpackages (README's layout section).
+PACKAGE_OF_FOLDER = {"engine/cones2": "cones2", "kernels": "cones2.kernels", "export": "cones2.export",
                      "cones2_train": "cones2_train", "tests": "tests"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # What the service may use of the engine: the names `cones2/__init__.py` exports, and the small
@@ -24,7 +26,8 @@ OUTSIDE_CORE = ("cones2.serve", "cones2.cli", "cones2.export", "cones2_train", "
 
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
-    parts = [PACKAGE_OF_FOLDER[rel.parts[0]], *rel.parts[1:]]
+    depth = 2 if rel.parts[0] == "engine" else 1
+    parts = [PACKAGE_OF_FOLDER["/".join(rel.parts[:depth])], *rel.parts[depth:]]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -66,9 +69,9 @@ def _within(name: str, prefixes) -> bool:
 
 
 def test_module_names_resolve_like_the_installed_package():
-    assert module_name(ROOT / "engine" / "serve" / "server.py") == "cones2.serve.server"
-    assert module_name(ROOT / "kernels" / "__init__.py") == "cones2.kernels"
-    assert "cones2.serve.cones2_pb2" in imports_of(ROOT / "engine" / "serve" / "server.py")
+    assert module_name(ROOT / "engine" / "cones2" / "serve" / "server.py") == "cones2.serve.server"
+    assert module_name(ROOT / "kernels" / "triton_rectified.py") == "cones2.kernels.triton_rectified"
+    assert "cones2.serve.cones2_pb2" in imports_of(ROOT / "engine" / "cones2" / "serve" / "server.py")
 
 
 def test_kernels_are_a_leaf():
@@ -82,7 +85,7 @@ def test_kernels_are_a_leaf():
     assert not bad, f"kernels/ may import only torch, triton and the standard library: {bad}"
 
 
-@pytest.mark.parametrize("path", sources("engine", exclude=("engine/serve/", "engine/cli/")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sources("engine", exclude=("engine/cones2/serve/", "engine/cones2/cli/")), ids=lambda p: p.name)
 def test_engine_core_never_reaches_outward(path):
     imported = [n for n in imports_of(path) if _within(n, OUTSIDE_CORE)]
     assert not imported, f"{path.relative_to(ROOT)} imports {imported}"
@@ -93,7 +96,7 @@ def test_engine_core_never_reaches_outward(path):
 
 def test_service_uses_only_the_public_engine_api():
     bad = {}
-    for path in sources("engine/serve"):
+    for path in sources("engine/cones2/serve"):
         for name in imports_of(path):
             if name.startswith("cones2") and not _within(name, ["cones2.serve"]) and name not in SERVE_MAY_IMPORT:
                 if "." in name and name.rsplit(".", 1)[0] in SERVE_MAY_IMPORT:

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec_reference as ref  # noqa: E402
 
-from cones2.kernels import KernelArgumentError, KernelUnavailableError, cuda_loader  # noqa: E402
+from cones2.kernels.errors import KernelArgumentError, KernelUnavailableError  # noqa: E402
+from cones2.kernels import cuda_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 M = 77
@@ -121,7 +122,7 @@ _TRITON_GPU_CHECK = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     import spec_reference as ref
-    from cones2.kernels import rectified_cross_attention
+    from cones2.kernels.triton_rectified import rectified_cross_attention
     for dtype, atol in ((torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2.5e-2)):
         for d, N in ((40, 37), (64, 9216), (160, 133)):
             q, k, v = (torch.randn(2, 3, n, d, device="cuda").to(dtype) for n in (N, 77, 77))

@@ -16,7 +16,8 @@ import spec_reference as ref  # noqa: E402
 from ci_support import import_or_skip  # noqa: E402
 
 import_or_skip("triton", "triton is not installed")
-from cones2.kernels import KernelArgumentError, logit_std, rectified_cross_attention  # noqa: E402
+from cones2.kernels.errors import KernelArgumentError  # noqa: E402
+from cones2.kernels.triton_rectified import logit_std, rectified_cross_attention  # noqa: E402
 from cones2.kernels import triton_rectified, tuning  # noqa: E402
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The residual store (engine/serve/residual_store.py): content ids, validation, atomic files, restart."""
+"""The residual store (engine/cones2/serve/residual_store.py): content ids, validation, atomic files, restart."""
 from __future__ import annotations
 
 import hashlib

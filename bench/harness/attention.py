@@ -58,7 +58,7 @@ def attention_cases(q, k, v, weight, coef, backends: list[str]) -> list[Attentio
         sdpa = get_backend("sdpa")
         cases.append(AttentionCase("sdpa guided (bias mask)", lambda: sdpa.cross(q, k, v, weight, coef, scale)))
     if "triton" in backends:
-        from cones2.kernels import logit_std, rectified_cross_attention
+        from cones2.kernels.triton_rectified import logit_std, rectified_cross_attention
 
         sd = logit_std(q, k, coef)
         cases += [

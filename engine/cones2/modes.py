@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EULER = "euler"          # SPEC 4: Euler (LMS order 1) on linspace(T-1, 0, N) timesteps
-DPMPP_2M = "dpmpp-2m"    # DPM-Solver++ 2M (multistep, second order, data prediction), engine/solvers.py
+DPMPP_2M = "dpmpp-2m"    # DPM-Solver++ 2M (multistep, second order, data prediction), engine/cones2/solvers.py
 
 
 @dataclass(frozen=True)

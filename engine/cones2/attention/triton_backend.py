@@ -33,7 +33,8 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self):
-        from cones2.kernels import KernelArgumentError, triton_rectified
+        from cones2.kernels.errors import KernelArgumentError
+        from cones2.kernels import triton_rectified
 
         self._kernel = triton_rectified.rectified_cross_attention
         self._argument_error = KernelArgumentError

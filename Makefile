@@ -5,14 +5,37 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/cones2-engine
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench cuda gpu-check clean
+.PHONY: setup demo test test-slow test-latest lock bench cuda gpu-check clean
 
 setup: $(STAMP)
 
+# Installs exactly the locked set (constraints.txt: every package, direct and transitive, at the
+# versions CI last passed with); the package itself declares ranges for users.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Re-resolve the lock with pip-tools (pip's own resolver and index settings): keeps today's pins where
+# they still fit; `make lock LOCK_FLAGS=--upgrade` takes the newest versions the ranges allow.
+LOCK_VENV := .venv-lock
+LOCK_FLAGS ?=
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && \
+		$(LOCK_VENV)/bin/pip install -q --disable-pip-version-check pip-tools==7.7.0; }
+	$(LOCK_VENV)/bin/pip-compile --quiet --extra dev --strip-extras --allow-unsafe --no-emit-find-links \
+		--no-emit-index-url --no-emit-trusted-host --no-annotate --constraint constraints.in $(LOCK_FLAGS) \
+		--output-file constraints.txt pyproject.toml
+	sed -i -e '/^cones2-engine @ /d' -e 's#--output-file=constraints.txt#--output-file=constraints.txt (via make lock)#' constraints.txt
+
+# The same suite in a fresh venv without the lock (only the machine pins of constraints.in): the
+# newest releases the package's ranges allow, so dependency drift is seen on purpose.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --disable-pip-version-check -c constraints.in -e '.[dev]'
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q
 
 # Three subjects, layout-guided, on the embedded demo model: two trained residuals (a two-tone red|green
 # heart, a two-tone purple|yellow triangle) composed with a plain blue star, each in its box

@@ -1,19 +1,23 @@
-"""How many torch CPU threads make `cones2-engine generate` fastest here: whole processes, alternated.
+"""Which torch thread count and CPU backend make whole `cones2-engine` processes fastest, idle and loaded.
 
-    python bench/threads.py                                   # 1, 2 and torch's default, 4 rounds, 30 steps
-    python bench/threads.py --variants 1,2,4,torch,rule --repeats 6 --json bench/results/threads.json
+    python bench/threads.py                                    # issue 29's case: rule vs 1 vs 2 threads, idle
+    python bench/threads.py --burners 0,1,2 --variants 1,2,rule --repeats 3 --json bench/results/threads_issue29.json
+    python bench/threads.py --variants sdpa:rule,onnxruntime:rule --generations 1,4 --burners 0,1
 
-Each round runs one `cones2-engine generate` process per variant (the order rotates every round, so
-a change in the machine's load hits every variant alike) on the tiny random SD model (128 px, three
-cross-attention levels), and records the process's wall time and the sampling time it prints.
-Variants: a number (`--threads N`), `torch` (`--threads` = torch's own default count on this
-machine, read in a fresh process without OMP_NUM_THREADS), `rule` (no `--threads`: the default rule
-of `cones2.threads`), `omp1` (no `--threads`, OMP_NUM_THREADS=1 in the environment).
-The JSON keeps every run, the load average before and after, and the machine's core counts.
+Each round runs one process per (condition, variant) and rotates the variants' order every round, so
+a change in the machine's load hits every variant alike. Conditions: `--burners N` starts N busy-loop
+processes, each pinned to its own core, for the whole condition (0 = nothing else running). A
+variant is `[BACKEND:]THREADS`, THREADS one of N (`--threads N`), `rule` (no `--threads`: the default
+of `cones2.threads`), `torch` (torch's own default count) or `omp1` (OMP_NUM_THREADS=1). With
+`--generations 1` the process is `cones2-engine generate` (the CLI's common case); with more, a small
+driver builds one engine and generates that many images in the process (a server's case). The case
+is a tiny random SD-2-shaped model at 768 px, 8 steps all guided, two subjects with boxes.
+The JSON keeps every run with the 1-minute load average after it, and the machine's core counts.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -22,9 +26,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-TIMES = re.compile(r"\(([\d.]+)s: sampling ([\d.]+)s, decode ([\d.]+)s\)")
+TIMES = re.compile(r"\(([\d.]+)s: sampling ([\d.]+)s")
+PROMPT = "a dog and a mug on the beach"
+BOXES = {"dog": (0.0, 0.3, 0.5, 1.0), "mug": (0.5, 0.4, 1.0, 1.0)}
+
+# The several-generations case: one engine, N images, times on stdout (the CLI's default thread rule).
+DRIVER = """
+import sys, time
+start = time.perf_counter()
+import cones2
+from cones2.threads import configure_threads
+model, backend, steps, size, n, threads = sys.argv[1:7]
+configure_threads(int(threads) if threads != "rule" else None)
+engine = cones2.Engine.from_pretrained(model, backend=None if backend == "default" else backend)
+layout = cones2.Layout.from_boxes({boxes!r})
+for seed in range(int(n)):
+    engine.generate({prompt!r}, {{}}, layout, seed=seed, steps=int(steps), guidance_steps=int(steps),
+                    height=int(size), width=int(size), progress=False)
+print(f"DONE {{time.perf_counter() - start:.3f}}")
+"""
 
 
 def torch_default_threads(env: dict) -> int:
@@ -33,75 +56,121 @@ def torch_default_threads(env: dict) -> int:
     return int(out.stdout.strip())
 
 
-def command_for(variant: str, base: list[str], env: dict, torch_default: int) -> tuple[list[str], dict]:
-    if variant == "torch":
-        return [*base, "--threads", str(torch_default)], env
-    if variant == "rule":
-        return base, env
-    if variant == "omp1":
-        return base, env | {"OMP_NUM_THREADS": "1"}
-    return [*base, "--threads", str(int(variant))], env
+def parse_variant(variant: str) -> tuple[str, str]:
+    backend, _, threads = variant.rpartition(":")
+    return backend or "default", threads
+
+
+def command_for(variant: str, generations: int, args, model: str, out: str, env: dict,
+                torch_default: int) -> tuple[list[str], dict]:
+    backend, threads = parse_variant(variant)
+    run_env = env | {"OMP_NUM_THREADS": "1"} if threads == "omp1" else env
+    count = {"torch": str(torch_default), "rule": "rule", "omp1": "rule"}.get(threads, threads)
+    if generations > 1:
+        driver = DRIVER.format(boxes=BOXES, prompt=PROMPT)
+        return [sys.executable, "-c", driver, model, backend, str(args.steps), str(args.resolution),
+                str(generations), count], run_env
+    cmd = [str(Path(sys.executable).parent / "cones2-engine"), "generate", "--model", model, "--prompt", PROMPT,
+           "--steps", str(args.steps), "--guidance-steps", str(args.steps), "--resolution", str(args.resolution),
+           "--seed", "0", "--out", out, "--no-progress"]
+    for name, box in BOXES.items():
+        cmd += ["--box", f"{name}={','.join(map(str, box))}"]
+    if backend != "default":
+        cmd += ["--backend", backend]
+    if count != "rule":
+        cmd += ["--threads", count]
+    return cmd, run_env
+
+
+@contextmanager
+def burners(count: int):
+    """`count` busy-loop processes, each pinned to its own core (cores 0, 1, ...)."""
+    procs = []
+    cores = sorted(os.sched_getaffinity(0))
+    try:
+        for i in range(count):
+            code = f"import os; os.sched_setaffinity(0, {{{cores[i % len(cores)]}}})\nwhile True: pass"
+            procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        time.sleep(1.0 if count else 0.0)      # let them reach their cores before the first run
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def summarise(runs: list[dict]) -> dict:
+    proc_s = [r["process_s"] for r in runs]
+    return {"process_median_s": statistics.median(proc_s), "process_min_s": min(proc_s),
+            "process_max_s": max(proc_s), "loadavg_1m": [r["loadavg_1m"] for r in runs]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers directory (default: the tiny random model, built in the cache)")
-    p.add_argument("--variants", default="1,2,torch", help="comma-separated: N, torch, rule, omp1")
-    p.add_argument("--repeats", type=int, default=4, help="rounds (each runs every variant once)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--json", default="bench/results/threads.json", help="write every run here")
+    p.add_argument("--variants", default="rule,1,2", help="comma-separated [BACKEND:]THREADS (see above)")
+    p.add_argument("--burners", default="0", help="comma-separated counts of busy cores, one condition each")
+    p.add_argument("--generations", default="1", help="comma-separated images per process")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (each runs every variant once)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=768)
+    p.add_argument("--json", default="bench/results/threads_issue29.json", help="write every run here")
     args = p.parse_args(argv)
 
     from cones2.default_model import tiny_model_dir
 
     model = args.model or str(tiny_model_dir())
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CONES2_BACKEND")}
     torch_default = torch_default_threads(env)
-    exe = str(Path(sys.executable).parent / "cones2-engine")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    conditions = list(itertools.product([int(b) for b in args.burners.split(",")],
+                                        [int(g) for g in args.generations.split(",")]))
+    results = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        base = [exe, "generate", "--model", model, "--prompt", "a dog and a mug on the beach",
-                "--box", "dog=0,0.3,0.5,1", "--box", "mug=0.5,0.4,1,1", "--steps", str(args.steps),
-                "--resolution", str(args.resolution), "--seed", "0", "--out", f"{tmp}/o.png", "--no-progress"]
-        for round_ in range(args.repeats):
-            order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
-            for variant in order:
-                cmd, run_env = command_for(variant, base, env, torch_default)
-                start = time.perf_counter()
-                proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
-                wall = time.perf_counter() - start
-                if proc.returncode != 0:
-                    print(proc.stderr, file=sys.stderr)
-                    return 1
-                total, sampling, decode = (float(x) for x in TIMES.search(proc.stdout).groups())
-                runs[variant].append({"round": round_, "process_s": round(wall, 3), "generate_s": total,
-                                      "sampling_s": sampling, "loadavg_1m": os.getloadavg()[0]})
-                print(f"round {round_} threads={variant:6s} process {wall:6.2f} s  sampling {sampling:6.2f} s",
-                      flush=True)
-    summary = {}
-    for variant, rs in runs.items():
-        proc_s = [r["process_s"] for r in rs]
-        samp_s = [r["sampling_s"] for r in rs]
-        summary[variant] = {"process_median_s": statistics.median(proc_s), "process_min_s": min(proc_s),
-                            "process_max_s": max(proc_s), "sampling_median_s": statistics.median(samp_s),
-                            "sampling_min_s": min(samp_s), "sampling_max_s": max(samp_s)}
-    result = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "model": model, "steps": args.steps, "resolution": args.resolution, "repeats": args.repeats,
-        "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "torch_default_threads": torch_default,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "summary": summary, "runs": runs,
+        for busy, generations in conditions:
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            with burners(busy):
+                for round_ in range(args.repeats):
+                    order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
+                    for variant in order:
+                        cmd, run_env = command_for(variant, generations, args, model, f"{tmp}/o.png", env,
+                                                   torch_default)
+                        start = time.perf_counter()
+                        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+                        wall = time.perf_counter() - start
+                        if proc.returncode != 0:
+                            print(proc.stderr[-3000:], file=sys.stderr)
+                            return 1
+                        sampling = TIMES.search(proc.stdout)
+                        runs[variant].append({"round": round_, "process_s": round(wall, 3),
+                                              "sampling_s": float(sampling.group(2)) if sampling else None,
+                                              "loadavg_1m": round(os.getloadavg()[0], 2)})
+                        print(f"burners={busy} images={generations} round {round_} {variant:18s} "
+                              f"process {wall:7.2f} s  load {os.getloadavg()[0]:.2f}", flush=True)
+            summary = {v: summarise(rs) for v, rs in runs.items()}
+            best_fixed = min(s["process_median_s"] for v, s in summary.items()
+                             if parse_variant(v)[1] not in ("rule", "omp1"))
+            for s in summary.values():
+                s["vs_best_fixed"] = round(s["process_median_s"] / best_fixed, 3)
+            results.append({"burners": busy, "generations": generations, "summary": summary, "runs": runs})
+    record = {
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "model": model, "steps": args.steps, "guidance_steps": args.steps, "resolution": args.resolution,
+        "repeats": args.repeats, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+        "torch_default_threads": torch_default, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "conditions": results,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n| threads | process median (min..max) s | sampling median (min..max) s |\n|---|---|---|")
-    for variant, s in summary.items():
-        label = f"torch default ({torch_default})" if variant == "torch" else variant
-        print(f"| {label} | {s['process_median_s']:.2f} ({s['process_min_s']:.2f}..{s['process_max_s']:.2f}) | "
-              f"{s['sampling_median_s']:.2f} ({s['sampling_min_s']:.2f}..{s['sampling_max_s']:.2f}) |")
-    print(f"load average before {load_before}, after {result['loadavg_after']}; wrote {args.json}")
+    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    print("\n| busy cores | images/process | variant | process median (min..max) s | / best fixed | load 1m |")
+    print("|---|---|---|---|---|---|")
+    for c in results:
+        for v, s in c["summary"].items():
+            print(f"| {c['burners']} | {c['generations']} | {v} | {s['process_median_s']:.2f} "
+                  f"({s['process_min_s']:.2f}..{s['process_max_s']:.2f}) | {s['vs_best_fixed']:.2f} | "
+                  f"{min(s['loadavg_1m']):.1f}-{max(s['loadavg_1m']):.1f} |")
+    print(f"load average before {load_before}, after {record['loadavg_after']}; wrote {args.json}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""`cones2.threads`: `--threads` values are checked, and the measured default rule picks one thread on
-machines of at most 2 usable cores (bench/results/threads.md), torch's count elsewhere, OMP_NUM_THREADS first."""
+"""`cones2.threads`: `--threads` values are checked, and the default rule takes the usable cores that no
+other process keeps busy at start (bench/results/threads.md), capped by torch's count; OMP_NUM_THREADS first."""
 from __future__ import annotations
 
 import pytest
@@ -28,12 +28,53 @@ def test_an_explicit_count_is_applied():
     assert threads.configure_threads(2) == 2 and torch.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (3, 3), (16, 3)])
-def test_default_rule(monkeypatch, cores, expected):
+def _machine(monkeypatch, *, usable: int, total: int, runnable):
+    """A machine of `total` cores, `usable` of them ours, whose run queue reads `runnable` (an int, or a
+    list read in turn) at this instant; torch's own default stands at 8 threads."""
+    reads = iter(runnable if isinstance(runnable, list) else [runnable] * threads.BUSY_SAMPLES)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
-    torch.set_num_threads(3)                      # stands for torch's own choice on a bigger machine
+    monkeypatch.setattr(threads, "usable_cores", lambda: usable)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: total)
+    monkeypatch.setattr(threads, "_runnable_tasks", lambda: next(reads))
+    monkeypatch.setattr(threads, "BUSY_INTERVAL_S", 0.0)
+    torch.set_num_threads(8)
+
+
+@pytest.mark.parametrize("usable,total,runnable,expected", [
+    (2, 2, 1, 2),      # idle 2-core machine (only this process runnable): both cores
+    (2, 2, 2, 1),      # one other busy process: one thread
+    (2, 2, 3, 1),      # both cores busy: one thread, never zero
+    (1, 1, 1, 1),
+    (16, 16, 1, 8),    # idle many-core machine: torch's own choice caps it
+    (16, 16, 12, 5),   # 11 others busy: the 5 free cores
+    (2, 64, 33, 1),    # 2 of 64 cores ours, 32 others machine-wide: about one of ours is busy
+    (2, 64, 3, 2),     # 2 of 64 cores ours, 2 others machine-wide: ours are free
+])
+def test_default_rule_uses_the_free_cores(monkeypatch, usable, total, runnable, expected):
+    _machine(monkeypatch, usable=usable, total=total, runnable=runnable)
     assert threads.configure_threads(None) == expected and torch.get_num_threads() == expected
+
+
+def test_a_momentary_spike_in_the_run_queue_is_ignored(monkeypatch):
+    _machine(monkeypatch, usable=2, total=2, runnable=[1, 6, 1, 1, 1])
+    assert threads.default_threads() == 2
+    _machine(monkeypatch, usable=2, total=2, runnable=[2, 1, 2, 2, 1])
+    assert threads.default_threads() == 1
+
+
+def test_without_a_run_queue_the_load_average_stands_in(monkeypatch):
+    _machine(monkeypatch, usable=2, total=2, runnable=None)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.2, 0.5, 0.3))
+    assert threads.default_threads() == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.5, 0.3))
+    assert threads.default_threads() == 2
+
+
+def test_the_run_queue_is_read_from_this_machine():
+    runnable = threads._runnable_tasks()
+    if runnable is None:
+        pytest.skip("no /proc/stat here (not Linux)")
+    assert runnable >= 1, "this process itself is running while it reads"
 
 
 def test_omp_num_threads_is_respected(monkeypatch):

@@ -1,18 +1,23 @@
 """CPU thread count for torch, set once at a command's start (`--threads` on every command).
 
-The default is measured (bench/threads.py, numbers in bench/results/threads.md): on a 2-core machine
-under load, torch's default (one thread per core) made a 30-step generation many times slower than
-one thread, because each parallel region waits for a thread the other processes keep off its core.
-So: one thread on machines of at most 2 usable cores; torch's own choice elsewhere (the idle
-many-core case was not measured); OMP_NUM_THREADS, when set, is always respected.
+The default fits the machine's state at that moment (issue 29; measured in bench/results/threads.md):
+one thread per usable core that no other process keeps busy right now, at least one and at most
+torch's own choice. On an idle machine that is torch's default; beside a busy process on a 2-core
+machine it is one thread, since each parallel region would otherwise wait for a thread the other
+process keeps off its core (many times slower under load). "Busy" is read as the runnable tasks the
+kernel reports at this instant (not the load average, which still counts this command's own previous
+runs for a minute). `--threads` and OMP_NUM_THREADS, when set, always win.
 """
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 from .errors import Cones2Error, quote
 
-SMALL_MACHINE_CORES = 2   # at most this many usable cores: one thread (bench/results/threads.md)
+BUSY_SAMPLES = 5            # reads of the run queue, BUSY_INTERVAL_S apart (about 40 ms in all)
+BUSY_INTERVAL_S = 0.01
 
 
 def usable_cores() -> int:
@@ -22,13 +27,44 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _runnable_tasks() -> int | None:
+    """Tasks running or ready to run machine-wide right now, this one included (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            for line in stat:
+                if line.startswith("procs_running "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def busy_cores() -> float:
+    """How many of this process's usable cores other work occupies now: the median of a few reads of
+    the run queue less this process, scaled from the whole machine to the usable cores. Off Linux, the
+    1-minute load average stands in."""
+    total = os.cpu_count() or 1
+    reads = []
+    for i in range(BUSY_SAMPLES):
+        runnable = _runnable_tasks()
+        if runnable is None:
+            break
+        reads.append(max(0, runnable - 1))
+        if i + 1 < BUSY_SAMPLES:
+            time.sleep(BUSY_INTERVAL_S)
+    others = statistics.median(reads) if reads else os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return others * usable_cores() / max(total, usable_cores())
+
+
 def default_threads() -> int:
     """The thread count `configure_threads(None)` applies (see the module docstring)."""
     import torch  # here, not at the top: commands check their flags before paying for torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()          # torch read it at start-up
-    return 1 if usable_cores() <= SMALL_MACHINE_CORES else torch.get_num_threads()
+    cores = usable_cores()
+    free = int(cores - busy_cores() + 0.5)
+    return max(1, min(free, cores, torch.get_num_threads()))
 
 
 def configure_threads(threads: int | None) -> int:

@@ -1,0 +1,120 @@
+"""`cones2-engine serve --ray` as an operator starts it (issue 23): a subprocess, from the repository root
+and from another folder, serving the project's client (a residual registered, four generations); and a
+replica that cannot start reported by the replica's own error in one line.
+
+Ray workers inherit the driver's working directory, so from the repository root a root folder that
+shadowed an installed distribution (`kernels`) broke every replica; this is the check that it cannot
+come back. Each case starts its own local Ray (about half a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ci_support import import_or_skip
+from serve_support import make_residual
+
+ROOT = Path(__file__).resolve().parents[1]
+# The console script, as an operator runs it (it does not put the working directory on sys.path itself;
+# Ray's workers do).
+CLI = [str(Path(sys.executable).with_name("cones2-engine"))]
+# Generous: Ray's own start on a loaded 2-core machine has taken over a minute; this only catches a hang.
+START_DEADLINE_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(cwd: Path, model: Path, store: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+    cmd = [*CLI, "serve", "--ray", "--replicas", "2", "--replica-cpus", "1", "--model", str(model),
+           "--backend", "sdpa", "--port", str(port), "--http-port", str(_free_port()), "--host", "127.0.0.1",
+           "--residual-store", str(store), "--threads", "1", "--grace", "5", *extra]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, port
+
+
+def _wait_for_line(proc: subprocess.Popen, marker: str) -> str | None:
+    """The first stdout line holding `marker`, or None when the process ends (or the deadline passes)."""
+    found: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            if marker in line:
+                found.append(line)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(START_DEADLINE_S)
+    return found[0] if found else None
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stderr.read() if proc.stderr else ""
+
+
+@pytest.mark.parametrize("where", ["repo-root", "elsewhere"])
+def test_ray_cli_serves_the_client_from_any_working_directory(where, tiny_model_dir, tmp_path):
+    import_or_skip("ray.serve", "Ray Serve (the ray extra) is not installed")
+    from cones2.serve.client import Client
+
+    cwd = ROOT if where == "repo-root" else tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    proc, port = _serve(cwd, tiny_model_dir, tmp_path / "store")
+    try:
+        line = _wait_for_line(proc, "SERVING")
+        assert line is not None, f"the server did not come up (exit {proc.poll()}): {_stop(proc)[-3000:]}"
+        with Client(f"127.0.0.1:{port}", timeout=180) as client:
+            client.wait_until_serving(120)
+            residual_id = client.register_residual(make_residual(seed=3, dim=32, word="dog"))
+            images = [client.generate("a dog on the grass", {"dog": residual_id}, seed=seed, steps=2,
+                                      width=64, height=64, boxes={"dog": (0.1, 0.1, 0.6, 0.9)})
+                      for seed in range(4)]
+        assert len(images) == 4
+        assert [r.seed for r in images] == [0, 1, 2, 3]
+        assert all(r.image.size == (64, 64) for r in images)
+        assert len({r.png for r in images}) == 4, "four seeds must give four different images"
+    finally:
+        _stop(proc)
+
+
+def test_a_replica_that_cannot_start_is_reported_in_one_line(tiny_model_dir, tmp_path):
+    """The model folder is fine for the CLI's own checks, but its UNet weights are truncated: every
+    replica fails while loading, and the command says why in one line and exits non-zero."""
+    import_or_skip("ray.serve", "Ray Serve (the ray extra) is not installed")
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:64])
+    proc, _ = _serve(ROOT, broken, tmp_path / "store")
+    try:
+        proc.wait(START_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    stderr = _stop(proc)
+    assert proc.returncode not in (0, None), stderr[-3000:]
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("cones2-engine:"), last
+    assert "unet" in last.lower() or "safetensors" in last.lower(), last
+    assert "kernels" not in last, last

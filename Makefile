@@ -26,7 +26,7 @@ lock:
 	$(LOCK_VENV)/bin/pip-compile --quiet --extra dev --strip-extras --allow-unsafe --no-emit-find-links \
 		--no-emit-index-url --no-emit-trusted-host --no-annotate --constraint constraints.in $(LOCK_FLAGS) \
 		--output-file constraints.txt pyproject.toml
-	sed -i -e '/^cones2-engine @ /d' -e 's#--output-file=constraints.txt#--output-file=constraints.txt (via make lock)#' constraints.txt
+	sed -i -e '/^cones2-engine @ /d' -e '1i # The lock: every package `make setup` and CI install, at exact versions. Made by `make lock`; edit\n# constraints.in (machine pins) or pyproject.toml (ranges), never this file.' constraints.txt
 
 # The same suite in a fresh venv without the lock (only the machine pins of constraints.in): the
 # newest releases the package's ranges allow, so dependency drift is seen on purpose.
@@ -50,7 +50,7 @@ demo: setup
 
 # The CI suite (CPU; Triton kernels run under the interpreter).
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q
 
 # Longer checks kept out of `make test` (full-size shapes, long training); run before releases.
 test-slow: setup

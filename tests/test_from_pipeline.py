@@ -32,7 +32,10 @@ def test_engine_from_pipeline_shares_weights_and_leaves_the_pipeline_usable(pipe
     layout = cones2.Layout.from_boxes({"dog": (0, 0, 0.5, 1), "mug": (0.5, 0, 1, 1)})
     got = engine.generate("a dog and a mug", None, layout, steps=2, height=64, width=64, progress=False)
     want = tiny_engine.generate("a dog and a mug", None, layout, steps=2, height=64, width=64, progress=False)
-    torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5)
+    # Same weights and processors; the two loads' UNets still differ in float32 summation order by up
+    # to ~1e-6 per forward (diffusers 0.42 / transformers 5.25), which CFG x 7.5 over two steps grows
+    # to ~1e-5. A wrong module or schedule moves the latents by orders of magnitude more.
+    torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-4)
 
 
 def test_from_pipeline_names_what_is_missing(pipe):

@@ -115,6 +115,6 @@ def test_a_replica_that_cannot_start_is_reported_in_one_line(tiny_model_dir, tmp
     stderr = _stop(proc)
     assert proc.returncode not in (0, None), stderr[-3000:]
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
-    assert last.startswith("cones2-engine:"), last
+    assert last.startswith("cones2-engine serve: error: model: cannot load the UNet"), last
     assert "unet" in last.lower() or "safetensors" in last.lower(), last
     assert "kernels" not in last, last

@@ -77,11 +77,12 @@ class SteppedEngine:
 
 @contextlib.contextmanager
 def running_server(engine, store_dir, **options):
-    """A started, SERVING server on 127.0.0.1:<free port> whose one worker uses `engine`."""
+    """A started, SERVING server on 127.0.0.1:<free port> (gRPC; HTTP/JSON on another) whose one worker
+    uses `engine` (a SteppedEngine is not warmed up: its steps wait for the test)."""
     from cones2.serve.server import ServeOptions, Server
 
     opts = {"host": "127.0.0.1", "port": 0, "http_port": 0, "residual_store": str(store_dir),
-            "grace_seconds": 2.0} | options
+            "grace_seconds": 2.0, "warmup": not isinstance(engine, SteppedEngine)} | options
     server = Server(lambda: engine, ServeOptions(**opts)).start()
     try:
         assert server.wait_ready(60), "server did not become ready"
@@ -260,8 +261,16 @@ class GrpcTransport:
         return events(), call.cancel
 
     def start(self, request) -> Pending:
+        import grpc
+
         future = self.client.stub.Generate.future(request, metadata=self.client.metadata, timeout=120)
-        return Pending(lambda: self._call(future.result), future.cancel)
+
+        def result():
+            try:
+                return self._call(future.result)
+            except grpc.FutureCancelledError:
+                raise Failed("CANCELLED", "cancelled by this client") from None
+        return Pending(result, future.cancel)
 
     def register(self, data: bytes) -> str:
         return self._call(self.client.register_residual, data)
@@ -271,6 +280,11 @@ class GrpcTransport:
 
     def info(self):
         return self._call(self.client.info)
+
+    def garbage(self):
+        """A Generate call whose request bytes do not decode."""
+        call = self.client.channel.unary_unary("/cones2.v1.Cones2Service/Generate")
+        return self._call(call, b"\xff\xff\xff\x01", metadata=self.client.metadata, timeout=120)
 
     def health(self) -> str:
         import grpc
@@ -332,6 +346,10 @@ class HttpTransport:
 
     def info(self):
         return self._call(self.client.info)
+
+    def garbage(self):
+        """A Generate call whose body is not JSON."""
+        return self._call(self.client.call, "POST", "/v1/generate", b"{not json")
 
     def health(self) -> str:
         return self.client.health()

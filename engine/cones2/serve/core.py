@@ -53,6 +53,10 @@ class DeadlineExceeded(Exception):
     """The job's deadline passed before it finished."""
 
 
+class WorkerStopped(Exception):
+    """The engine worker running the job stopped (it died, or the server stopped); nothing finished."""
+
+
 class TooLarge(Exception):
     """A request over the transport's size limit (gRPC answers these itself)."""
 
@@ -61,7 +65,7 @@ class TooLarge(Exception):
 STATUSES: list[tuple[tuple[type, ...], str, int]] = [
     ((Cones2Error,), "INVALID_ARGUMENT", 400),
     ((QueueFull, StoreFull, TooLarge), "RESOURCE_EXHAUSTED", 429),
-    ((NotReady, ShuttingDown), "UNAVAILABLE", 503),
+    ((NotReady, ShuttingDown, WorkerStopped), "UNAVAILABLE", 503),
     ((DeadlineExceeded,), "DEADLINE_EXCEEDED", 504),
     ((GenerationCancelled,), "CANCELLED", 499),
     ((NotFound,), "NOT_FOUND", 404),
@@ -324,6 +328,11 @@ class Worker(threading.Thread):
             if batch:
                 try:
                     self._run(batch)
+                except BaseException:      # the thread dies: its jobs get a retryable answer, not silence
+                    log.exception("%s: the worker stopped", self.name)
+                    for job in batch:
+                        job.finish(WorkerStopped("the engine worker stopped while running this request; retry it"))
+                    raise
                 finally:
                     self.jobs.batch_ended(len(batch))
 
@@ -440,7 +449,8 @@ class Core:
 
     @property
     def serving(self) -> bool:
-        return self.accepting and self.ready.is_set() and self.load_error is None and self.store is not None
+        return self.accepting and self.ready.is_set() and self.load_error is None and self.store is not None and \
+            any(w.is_alive() for w in self.workers)
 
     def _become_ready(self) -> None:
         for w in self.workers:
@@ -498,6 +508,8 @@ class Core:
             raise ShuttingDown("the server is shutting down")
         if not self.ready.is_set() or self.load_error is not None or self.store is None:
             raise NotReady("the model is loading or warming up; retry when health reports SERVING")
+        if not any(w.is_alive() for w in self.workers):
+            raise WorkerStopped("no engine worker is running")
 
     def submit(self, msg: pb.GenerateRequest, *, deadline: float | None = None, stream: bool = False,
                sink: Callable[[object], None] | None = None, request_id: str = "") -> Job:

@@ -321,7 +321,7 @@ class HttpTransport:
         import uuid
 
         rid = uuid.uuid4().hex
-        it = self.client.generate_stream_request(request, request_id=rid, timeout=timeout)
+        it = self._call(self.client.generate_stream_request, request, request_id=rid, timeout=timeout)
 
         def events():
             while True:

@@ -77,7 +77,8 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_request_frees_its_slot(kin
         with pytest.raises(Failed) as err:
             queued.result(HANG_S)
         assert err.value.code == "CANCELLED"
-        assert s.jobs.depth() == 0 and s.jobs.stats.jobs_dropped == 1       # its slot is free, it never ran
+        wait_for(lambda: s.jobs.depth() == 0, HANG_S)                       # its slot is free...
+        assert s.jobs.stats.jobs_dropped == 1                               # ... and it never ran
         later = t.start(_req(steps=2, seed=2))
         wait_for(lambda: s.jobs.depth() == 1, HANG_S)                      # the freed slot took it
         engine.run_freely()
@@ -122,53 +123,76 @@ def test_an_http_client_that_disconnects_cancels_its_generation(tiny_engine, tmp
 
 
 # ---- drain on SIGTERM -----------------------------------------------------------------------------
+# A server process run by the CLI's own serve loop (`serve_until_signal`) over a SteppedEngine whose
+# steps are released by lines on its stdin, so the request is in flight when SIGTERM arrives.
+DRAIN_SCRIPT = """
+import sys, threading
+sys.path.insert(0, {tests!r})
+import cones2
+from cones2.cli.serve import serve_until_signal
+from cones2.serve.server import ServeOptions, Server
+from serve_support import SteppedEngine
+engine = SteppedEngine(cones2.Engine.from_pretrained({model!r}, backend="sdpa"))
+threading.Thread(target=lambda: [engine.allow(1) for _ in sys.stdin], daemon=True).start()
+server = Server(lambda: engine, ServeOptions(port=0, http_port=0, residual_store={store!r}, grace_seconds=300,
+                                             warmup=False))
+sys.exit(serve_until_signal(server.start, lambda: server.wait_ready(0.2), server.stop,
+                            lambda: f"SERVING on {{server.address}} HTTP {{server.http_port}}", 300))
+"""
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_drains_with_not_serving_then_exits_0(kind, tiny_model_dir, tmp_path):
-    """The CLI process: SIGTERM turns health NOT_SERVING on both transports while the request in
-    flight (seen running in the metrics) completes; new calls get UNAVAILABLE; exit 0, ports closed."""
-    cmd = [sys.executable, "-c", "import sys; from cones2.cli import main; sys.exit(main())", "serve",
-           "--model", str(tiny_model_dir), "--port", "0", "--http-port", "0", "--threads", "1",
-           "--residual-store", str(tmp_path / "store"), "--grace", "300", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+def test_sigterm_drains_with_not_serving_then_exits_0(tiny_model_dir, tmp_path):
+    """Both transports in one process (starting one costs most of this test): SIGTERM turns health
+    NOT_SERVING on both while a running request (gRPC) and a queued one (HTTP) complete; new calls
+    get UNAVAILABLE on both; then exit 0 with both ports closed."""
+    script = DRAIN_SCRIPT.format(tests=os.path.dirname(__file__), model=str(tiny_model_dir), store=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+    def release(steps: int) -> None:
+        proc.stdin.write("step\n" * steps)
+        proc.stdin.flush()
+
     try:
         line = proc.stdout.readline()
-        match = re.search(r"SERVING on (\S+) .*HTTP/JSON on http://127\.0\.0\.1:(\d+)/v1", line)
+        match = re.search(r"SERVING on (\S+) HTTP (\d+)", line)
         assert match, f"no SERVING line: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
         grpc_target, http_port = match.group(1), int(match.group(2))
-        http = HttpTransport(f"http://127.0.0.1:{http_port}")
-        t = GrpcTransport(grpc_target) if kind == "grpc" else http
-        events, _cancel = t.stream(_req(steps=150, width=256, height=256, seed=1))
-        assert next(events).progress.step == 1                               # sampling has started
+        clients = {"grpc": GrpcTransport(grpc_target), "http": HttpTransport(f"http://127.0.0.1:{http_port}")}
+        running, _ = clients["grpc"].stream(_req(steps=4, seed=1))
+        release(1)
+        assert next(running).progress.step == 1                               # sampling has started
+        queued, _ = clients["http"].stream(_req(steps=4, seed=2, width=128))   # another batch key: it waits
+        wait_for(lambda: _metric(clients["http"], "cones2_queue_depth") == 1, HANG_S)
         proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: t.health() != "SERVING", HANG_S)
-        assert t.health() == "NOT_SERVING"                                    # draining: the port is open
-        assert _metric(http, "cones2_running_requests") == 1                  # ... with the request in flight
-        with pytest.raises(Failed) as err:
-            t.generate(_req(steps=1))
-        assert err.value.code == "UNAVAILABLE" and err.value.http_status in (None, 503)
-        rest = list(events)                                                   # the request in flight completes
-        assert rest[-2].progress.step == 150 and rest[-1].result.width == 256
+        for name, t in clients.items():
+            wait_for(lambda: t.health() != "SERVING", HANG_S)
+            assert t.health() == "NOT_SERVING", name                          # draining: the port is open
+            with pytest.raises(Failed) as err:
+                t.generate(_req(steps=1))
+            assert err.value.code == "UNAVAILABLE" and err.value.http_status in (None, 503), name
+        assert _metric(clients["http"], "cones2_running_requests") == 1        # ... with the work in flight
+        release(3 + 4)
+        for stream, seed in ((running, 1), (queued, 2)):                       # both complete
+            events = list(stream)
+            assert events[-2].progress.step == 4 and events[-1].result.seed == seed
         assert proc.wait(timeout=HANG_S) == 0
         assert acceptance.port_closed(grpc_target) and acceptance.port_closed(f"127.0.0.1:{http_port}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
 
 
 def _metric(http: HttpTransport, name: str) -> float:
-    text = _raw_metrics(http)
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-
-
-def _raw_metrics(http: HttpTransport) -> str:
     import urllib.request
 
     with urllib.request.urlopen(http.client.base + "/metrics", timeout=30) as r:
-        return r.read().decode()
+        text = r.read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
 # ---- a worker killed under concurrent clients -----------------------------------------------------

@@ -294,15 +294,20 @@ class HttpClient:
 
     def generate_stream_request(self, request: pb.GenerateRequest, *, request_id: str = "",
                                 timeout: float | None = None) -> Iterator[pb.GenerateEvent]:
-        """GenerateEvents as the server sends them (one JSON line each); an error line raises HttpError."""
+        """Sends the request now; then GenerateEvents as the server sends them (one JSON line each). An
+        error before the stream starts raises here; one in the stream's last line, while iterating."""
         from google.protobuf import json_format
 
-        with self._open("POST", "/v1/generate/stream", request, _ids(request_id), timeout) as r:
-            for line in r:
-                item = json.loads(line)
-                if "error" in item:
-                    raise HttpError(item["error"]["code"], item["error"]["message"], 200)
-                yield json_format.ParseDict(item, pb.GenerateEvent())
+        answer = self._open("POST", "/v1/generate/stream", request, _ids(request_id), timeout)
+
+        def events():
+            with answer:
+                for line in answer:
+                    item = json.loads(line)
+                    if "error" in item:
+                        raise HttpError(item["error"]["code"], item["error"]["message"], 200)
+                    yield json_format.ParseDict(item, pb.GenerateEvent())
+        return events()
 
     def cancel(self, request_id: str) -> None:
         self.call("POST", f"/v1/requests/{request_id}/cancel", b"")

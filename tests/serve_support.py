@@ -17,25 +17,6 @@ def make_residual(seed: int = 0, rows: int = 1, dim: int = 32, word: str | None 
     return cones2.Residual(torch.randn(rows, dim, generator=g) * 0.3, word=word)
 
 
-class SlowEngine:
-    """An engine whose sampling steps each take at least `step_seconds` longer: it wraps the public
-    `generate_batch(on_step=...)` callback with a sleep. Everything else is the wrapped engine."""
-
-    def __init__(self, engine: cones2.Engine, step_seconds: float):
-        self._engine, self.step_seconds = engine, step_seconds
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def generate_batch(self, requests, *, on_step=None, **kw):
-        def slow_step(i, n, latents):
-            time.sleep(self.step_seconds)
-            if on_step is not None:
-                on_step(i, n, latents)
-
-        return self._engine.generate_batch(requests, on_step=slow_step, **kw)
-
-
 class SteppedEngine:
     """An engine whose sampling steps wait for the test: each step takes one permit (`allow(n)`;
     `run_freely()` stops gating). `steps_run` counts the steps taken. A step waiting longer than

@@ -271,7 +271,7 @@ def load_main(args) -> tuple[int, dict]:
 
 # ---- fuzz mode ----------------------------------------------------------------------------------
 def fuzz_main(args) -> tuple[int, dict]:
-    from cones2.serve.fuzz import run_fuzz
+    from serve_fuzz import run_fuzz
 
     token = "fuzz-" + os.urandom(8).hex()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,11 @@
-"""`cones2-engine serve`: run the gRPC service (cones2.v1.Cones2Service + health + reflection).
+"""`cones2-engine serve`: run cones2.v1.Cones2Service over gRPC (+ health, reflection), and over
+HTTP/JSON with --http-port; with --ray, on Ray Serve's proxies instead.
 
 SIGTERM or Ctrl-C: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests get up to
 --grace seconds to finish (the port stays open meanwhile), then the port closes and it exits 0.
-Threads: each worker runs one engine; torch's --threads are one pool shared by all workers, so keep
-workers x threads at or below the cores (docs/serve.md).
+Every port listens on --host only; beyond loopback a token is required unless
+--allow-unauthenticated-network says otherwise. Threads: each worker runs one engine; torch's
+--threads are one pool shared by all workers, so keep workers x threads at or below the cores.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from ..errors import Cones2Error, quote
 from ..threads import configure_threads
 from .common import add_model_flags, add_threads_flag, check_model_flags, load_engine
 
+# Flags of the in-process server that have no meaning under Ray Serve: (attribute, default, why).
+_NOT_WITH_RAY = (("workers", 1, "use --replicas (one replica per GPU)"),
+                 ("tls_cert", None, "Ray Serve's gRPC proxy serves plaintext; terminate TLS in front of it"),
+                 ("metrics_port", None, "Ray exports Ray Serve's metrics itself (docs/serve.md)"))
+
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC service", description=__doc__)
@@ -24,6 +31,11 @@ def register(sub) -> None:
     add_threads_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on, 0.0.0.0 for all interfaces (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 = any free port (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the HTTP/JSON API on --host at this port, 0 = any free port (default: off; "
+                        "docs/serve.md)")
+    p.add_argument("--allow-unauthenticated-network", action="store_true",
+                   help="listen beyond loopback without --auth-token-file (refused otherwise)")
     p.add_argument("--residual-store", default=None,
                    help="folder of registered residuals (default: <cache>/cones2-engine/residuals)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get RESOURCE_EXHAUSTED (default: %(default)s)")
@@ -55,7 +67,10 @@ def register(sub) -> None:
                    help="log verbosity (default: %(default)s)")
     r = p.add_argument_group("Ray Serve (--ray; needs the ray extra, docs/serve.md)")
     r.add_argument("--ray", action="store_true",
-                   help="serve through Ray Serve: engine replicas behind its gRPC proxy on --port (every interface)")
+                   help="serve through Ray Serve: engine replicas behind its gRPC proxy on --port")
+    r.add_argument("--ray-grpc-every-interface", action="store_true",
+                   help="accept that Ray Serve's gRPC proxy listens on every interface whatever --host says "
+                        "(without it, --ray refuses to start)")
     r.add_argument("--address", default=None,
                    help="Ray cluster to join: auto (this node's, after `ray start`) or HOST:6379 (default: a local Ray)")
     r.add_argument("--replicas", type=int, default=1,
@@ -64,54 +79,112 @@ def register(sub) -> None:
     r.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
     r.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (with --min-replicas)")
     r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves (default: %(default)s)")
-    r.add_argument("--http-port", type=int, default=8000,
-                   help="Ray Serve's HTTP proxy (JSON) on --host (default: %(default)s)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from ..serve.auth import read_token_file
+    from ..serve.auth import check_exposure
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = _token(args)
+    if args.ray and not args.ray_grpc_every_interface:
+        raise Cones2Error("Ray Serve's gRPC proxy listens on every interface whatever --host says; pass "
+                          "--ray-grpc-every-interface to accept that, or serve without --ray", "host")
+    check_exposure(args.host, token, allow_unauthenticated=args.allow_unauthenticated_network,
+                   every_interface=args.ray)
+    if args.ray:   # engine replicas on a Ray cluster (cones2.serve.ray); CUDA is checked on the replicas
+        return _run_ray(args, token, check_model_flags(args) if args.device == "cpu" else None)
     from ..serve.server import ServeOptions, Server
 
-    if args.ray:   # engine replicas on a Ray cluster (cones2.serve.ray); CUDA is checked on the replicas
-        from ..serve.ray.cli import run as run_ray
-
-        return run_ray(args, limits_from_args(args), check_model_flags(args) if args.device == "cpu" else None)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Cones2Error("give both --tls-cert and --tls-key, or neither", "tls-cert")
     threads = configure_threads(args.threads)
     checked = check_model_flags(args)              # a bad device/dtype/backend answers before loading
     options = ServeOptions(
-        host=args.host, port=args.port, residual_store=args.residual_store, max_queue=args.max_queue,
-        max_batch=args.max_batch, workers=args.workers, limits=limits_from_args(args),
+        host=args.host, port=args.port, http_port=args.http_port, residual_store=args.residual_store,
+        max_queue=args.max_queue, max_batch=args.max_batch, workers=args.workers, limits=limits_from_args(args),
         max_message_bytes=args.max_message_bytes,
-        tls_cert=_read(args.tls_cert, "tls-cert"), tls_key=_read(args.tls_key, "tls-key"),
-        auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
-        metrics_port=args.metrics_port, grace_seconds=args.grace,
-        warmup_resolutions=tuple(_size(v) for v in args.warmup_resolution),
-        warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch))
+        tls_cert=_read(args.tls_cert, "tls-cert"), tls_key=_read(args.tls_key, "tls-key"), auth_token=token,
+        metrics_port=args.metrics_port, grace_seconds=args.grace, **_warmup(args))
+    server = Server(lambda: load_engine(args, checked), options)
 
-    stop = threading.Event()
+    def banner() -> str:
+        extra = "".join(f", {what} on http://{args.host}:{port}{path}" for what, port, path in
+                        (("HTTP/JSON", server.http_port, "/v1"), ("metrics", server.metrics_port, "/metrics")) if port)
+        return f"SERVING on {server.address} ({args.workers} worker(s), {threads} torch thread(s){extra})"
+
+    return serve_until_signal(server.start, lambda: server.wait_ready(0.2), server.stop, banner, args.grace)
+
+
+def serve_until_signal(start, ready, stop, banner, grace: float) -> int:
+    """The serve loop (in-process and Ray alike): start, wait until ready (a signal meanwhile stops
+    at once), print the banner, run until SIGTERM / Ctrl-C, then drain for up to `grace` seconds."""
+    stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    server = Server(lambda: load_engine(args, checked), options).start()
+        signal.signal(sig, lambda *_: stopping.set())
+    start()
     try:
-        while not server.wait_ready(0.2):
-            if stop.is_set():
-                server.stop(grace=0)
+        while not ready():
+            if stopping.is_set():
+                stop(grace=0)
                 return 0
     except BaseException:
-        server.stop(grace=0)
+        stop(grace=0)
         raise
-    metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    print(f"cones2-engine serve: SERVING on {server.address} ({args.workers} worker(s), {threads} torch "
-          f"thread(s){metrics})", flush=True)
-    while not stop.wait(0.5):
+    for sig in (signal.SIGTERM, signal.SIGINT):   # ray.init may have installed its own
+        signal.signal(sig, lambda *_: stopping.set())
+    print(f"cones2-engine serve: {banner()}", flush=True)
+    while not stopping.wait(0.5):
         pass
-    print(f"cones2-engine serve: stopping (grace {args.grace:g}s)", file=sys.stderr, flush=True)
-    server.stop()
+    print(f"cones2-engine serve: stopping (grace {grace:g}s)", file=sys.stderr, flush=True)
+    stop()
     return 0
+
+
+def ray_options_from_args(args, token: str | None, checked: dict | None):
+    """The serve flags -> (RayServeOptions, EngineSpec) of cones2.serve.ray."""
+    from ..serve.ray.app import RayServeOptions
+    from ..serve.ray.deployment import EngineSpec
+
+    for name, default, hint in _NOT_WITH_RAY:
+        if getattr(args, name, default) != default:
+            raise Cones2Error(f"not available with --ray: {hint}", name.replace("_", "-"))
+    if args.port == 0:
+        raise Cones2Error("give a port: Ray Serve's gRPC proxy listens on one fixed port on every node", "port")
+    options = RayServeOptions(
+        replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        replica_cpus=args.replica_cpus, residual_store=args.residual_store, limits=limits_from_args(args),
+        max_batch=args.max_batch, max_queue=args.max_queue, grpc_port=args.port, http_port=args.http_port,
+        host=args.host, address=args.address, auth_token=token, grace_seconds=args.grace,
+        max_message_bytes=args.max_message_bytes)
+    if checked is None:
+        backend_options = {k: v for k, v in (("onnx_dir", args.onnx), ("engine_dir", args.trt)) if v}
+        checked = {"device": args.device, "dtype": args.dtype, "backend": args.backend,
+                   "backend_options": backend_options, "compile": bool(getattr(args, "compile", False))}
+    spec = EngineSpec(model=args.model, device=str(checked["device"]), dtype=checked["dtype"],
+                      backend=checked["backend"], backend_options=dict(checked["backend_options"]),
+                      compile=bool(checked.get("compile", False)), threads=args.threads, **_warmup(args))
+    return options, spec
+
+
+def _run_ray(args, token: str | None, checked: dict | None) -> int:
+    from ..serve.ray.app import RayService
+
+    options, spec = ray_options_from_args(args, token, checked)
+    service = RayService(options, spec)
+    scale = (f"{options.min_replicas}..{options.max_replicas} replicas (autoscaling, {options.replicas} at start)"
+             if options.autoscaling else f"{options.replicas} replica(s)")
+    http = f", HTTP/JSON on http://{options.host}:{options.http_port}/v1" if options.http_port else ""
+    device = "1 GPU" if spec.device.startswith("cuda") else f"{options.replica_cpus:g} CPU"
+    banner = (f"SERVING on [::]:{options.grpc_port} (every interface) via Ray Serve ({scale}, {device} each{http})")
+    return serve_until_signal(service.start, lambda: True, lambda grace=None: service.stop(), lambda: banner,
+                              options.grace_seconds)
+
+
+def _token(args) -> str | None:
+    from ..serve.auth import read_token_file
+
+    return read_token_file(args.auth_token_file) if args.auth_token_file else None
 
 
 def limits_from_args(args):
@@ -123,11 +196,16 @@ def limits_from_args(args):
                   max_residual_bytes=args.max_residual_bytes, **layout)
 
 
+def _warmup(args) -> dict:
+    """--warmup-resolution / --warmup-batch-sizes -> the warm-up fields both option types share."""
+    return {"warmup_resolutions": tuple(_size(v) for v in args.warmup_resolution),
+            "warmup_batch_sizes": _batch_sizes(args.warmup_batch_sizes, args.max_batch)}
+
+
 def _size(text: str) -> tuple[int, int]:
     """--warmup-resolution: "768" or "768x512" (height x width), multiples of 64."""
-    parts = text.lower().split("x")
     try:
-        sides = [int(p) for p in parts]
+        sides = [int(p) for p in text.lower().split("x")]
     except ValueError:
         sides = []
     if len(sides) not in (1, 2) or any(s < 64 or s % 64 for s in sides):
@@ -136,6 +214,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _batch_sizes(text: str | None, max_batch: int) -> tuple[int, ...]:
+    """--warmup-batch-sizes: "1,2,4", each in [1, --max-batch]."""
     if text is None:
         return ()
     try:

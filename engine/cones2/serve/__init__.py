@@ -1,11 +1,11 @@
-"""`cones2-engine serve`: the gRPC service (cones2.v1.Cones2Service) around `cones2.Engine`.
+"""`cones2-engine serve`: cones2.v1.Cones2Service around `cones2.Engine`, over gRPC, HTTP/JSON and Ray Serve.
 
-server.py wires gRPC, health, reflection, auth, TLS, metrics and draining; handlers.py registers
-the RPCs with a decoder that answers undecodable bytes INVALID_ARGUMENT; service.py holds the RPC
-handlers and the exception -> status mapping; worker.py the bounded queue and the batching worker
-threads; validation.py turns requests into `GenerationRequest`s (through the public engine API
-only); residual_store.py keeps uploaded residuals on disk. Clients: `cones2.serve.client.Client`
-and `cones2-engine client`; `cones2.serve.fuzz` is a seeded fuzzer for a running server;
-`cones2.serve.ray` runs the same service on Ray Serve (`serve --ray`). The engine core never
-imports this package. See docs/serve.md.
+core.py is the service without a transport (validate, bounded queue, batching workers, previews,
+cancellation, one exception -> status mapping, warm-up, drain); the adapters only translate:
+server.py (gRPC: health, reflection, TLS, metrics; it also starts http_json.py, the HTTP/JSON API)
+and ray/ (Ray Serve replica + ingress). auth.py checks the bearer token for all of them;
+validation.py turns requests into `GenerationRequest`s (public engine API only); residual_store.py
+keeps uploaded residuals on disk; handlers.py decodes gRPC requests without raising. Clients:
+`cones2.serve.client.Client` and `cones2-engine client`. The engine core never imports this
+package. See docs/serve.md.
 """

@@ -9,11 +9,12 @@
         out.image.save("out.png")
 
 Server errors arrive as `grpc.RpcError` (`.code()`, `.details()`; INVALID_ARGUMENT details start
-with the offending field). Needs the `serve` extra: pip install 'cones2-engine[serve]'.
+with the offending field). `HttpClient` speaks the HTTP/JSON API instead (errors: `HttpError`). Needs the `serve` extra: pip install 'cones2-engine[serve]'.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -237,3 +238,100 @@ class Client:
                 last = exc.code().name
             time.sleep(poll)
         raise TimeoutError(f"server not SERVING after {timeout}s (last: {last})")
+
+
+class HttpError(Exception):
+    """An error answer of the HTTP/JSON API: `code` (the gRPC status name), `status` (HTTP), `message`,
+    `retry_after` (seconds, when the server sent Retry-After)."""
+
+    def __init__(self, code: str, message: str, status: int, retry_after: float | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status, self.retry_after = code, message, status, retry_after
+
+
+class HttpClient:
+    """The HTTP/JSON API (`cones2-engine serve --http-port N`) with the standard library: the same
+    proto messages, in their JSON mapping. base: "http://127.0.0.1:8080"."""
+
+    def __init__(self, base: str, *, token: str | None = None, timeout: float | None = 120.0):
+        self.base, self.timeout = base.rstrip("/"), timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def call(self, verb: str, path: str, message=None, response_class=None, headers: Mapping[str, str] = (),
+             timeout: float | None = None):
+        """One request; the JSON answer parsed into `response_class` (or a dict). Raises HttpError."""
+        from google.protobuf import json_format
+
+        with self._open(verb, path, message, headers, timeout) as r:
+            body = r.read()
+        return json_format.Parse(body, response_class()) if response_class else json.loads(body or b"{}")
+
+    def _open(self, verb, path, message, headers, timeout):
+        import urllib.error
+        import urllib.request
+
+        from google.protobuf import json_format
+
+        data = None if message is None else (message if isinstance(message, bytes) else
+                                             json_format.MessageToJson(message, indent=None).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=verb,
+                                     headers={"Content-Type": "application/json", **self.headers, **dict(headers)})
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout if timeout is None else timeout)
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                err = json.loads(body)
+            except ValueError:
+                err = {"code": "UNKNOWN", "message": body[:200].decode(errors="replace")}
+            retry = exc.headers.get("Retry-After")
+            raise HttpError(err.get("code", "UNKNOWN"), err.get("message", ""), exc.code,
+                            float(retry) if retry else None) from None
+
+    def generate_request(self, request: pb.GenerateRequest, *, request_id: str = "",
+                         timeout: float | None = None) -> pb.GenerateResponse:
+        return self.call("POST", "/v1/generate", request, pb.GenerateResponse, _ids(request_id), timeout)
+
+    def generate_stream_request(self, request: pb.GenerateRequest, *, request_id: str = "",
+                                timeout: float | None = None) -> Iterator[pb.GenerateEvent]:
+        """Sends the request now; then GenerateEvents as the server sends them (one JSON line each). An
+        error before the stream starts raises here; one in the stream's last line, while iterating."""
+        from google.protobuf import json_format
+
+        answer = self._open("POST", "/v1/generate/stream", request, _ids(request_id), timeout)
+
+        def events():
+            with answer:
+                for line in answer:
+                    item = json.loads(line)
+                    if "error" in item:
+                        raise HttpError(item["error"]["code"], item["error"]["message"], 200)
+                    yield json_format.ParseDict(item, pb.GenerateEvent())
+        return events()
+
+    def cancel(self, request_id: str) -> None:
+        self.call("POST", f"/v1/requests/{request_id}/cancel", b"")
+
+    def register_residual(self, residual: SubjectValue) -> str:
+        msg = pb.RegisterResidualRequest(safetensors=residual_bytes(residual))
+        return self.call("POST", "/v1/residuals", msg, pb.RegisterResidualResponse).residual.id
+
+    def list_residuals(self) -> list[pb.ResidualInfo]:
+        return list(self.call("GET", "/v1/residuals", None, pb.ListResidualsResponse).residuals)
+
+    def delete_residual(self, residual_id: str) -> None:
+        self.call("DELETE", f"/v1/residuals/{residual_id}")
+
+    def info(self) -> pb.ServerInfo:
+        return self.call("GET", "/v1/info", None, pb.ServerInfo)
+
+    def health(self) -> str:
+        """"SERVING" or "NOT_SERVING"."""
+        try:
+            return self.call("GET", "/v1/health", timeout=5.0)["status"]
+        except HttpError as exc:
+            return "NOT_SERVING" if exc.status == 503 else exc.code
+
+
+def _ids(request_id: str) -> dict:
+    return {"X-Request-Id": request_id} if request_id else {}

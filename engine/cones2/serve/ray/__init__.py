@@ -2,7 +2,7 @@
 
 Engine replicas (one per GPU, or CPU replicas) behind Ray Serve's gRPC proxy, speaking the same
 proto as the in-process server, so `cones2.serve.client.Client` and reflection-based clients work
-unchanged. Cross-request batching is Ray Serve's `@serve.batch` feeding `Engine.generate_batch`;
+unchanged; each replica runs the same serving core (`cones2.serve.core`) as the in-process server;
 residuals live in a content-addressed store on a folder every node mounts. See docs/serve.md ("Ray
 Serve"). Needs the `ray` extra: pip install 'cones2-engine[ray]'.
 """

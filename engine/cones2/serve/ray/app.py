@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from ... import Cones2Error, cache_root
+from ..core import CoreOptions
 from ..validation import Limits
 from .deployment import Cones2Engine, Cones2Ingress, EngineSpec
 
@@ -48,10 +49,10 @@ class RayServeOptions:
     (autoscaling on ongoing requests per replica, target `max_batch`). GPU engines (EngineSpec.device
     "cuda") get one GPU per replica; CPU replicas reserve `replica_cpus` CPUs each.
     residual_store: a folder every node mounts (None: this machine's cache folder, single machine).
-    max_batch: `@serve.batch` size per replica; batch_wait_s: how long a replica waits to fill one.
-    max_queue: requests that may wait per replica beyond the ones it holds (Ray's max_queued_requests,
-    then RESOURCE_EXHAUSTED). grpc_port: Ray Serve's gRPC proxy (it listens on every interface);
-    http_port: its HTTP proxy (JSON), on `host`. address: None = start a local Ray with `num_cpus`
+    max_batch / max_queue: each replica's `Core` (batch size; requests waiting in its queue, then
+    RESOURCE_EXHAUSTED; Ray's router holds at most max_queue per replica more). grpc_port: Ray
+    Serve's gRPC proxy (it listens on every interface); http_port: its HTTP proxy (the HTTP/JSON API
+    of cones2.serve.http_json), on `host`, None = off. address: None = start a local Ray with `num_cpus`
     CPUs (None: all); "auto" or "HOST:6379" = join that cluster. auth_token: bearer token every
     Cones2Service call must carry. max_message_bytes: the gRPC proxy's message limit (applied to a
     local Ray; on a cluster set RAY_SERVE_GRPC_MAX_MESSAGE_SIZE where `ray start` runs).
@@ -64,10 +65,9 @@ class RayServeOptions:
     residual_store: str | Path | None = None
     limits: Limits = field(default_factory=Limits)
     max_batch: int = 4
-    batch_wait_s: float = 0.01
     max_queue: int = 32
     grpc_port: int = 50051
-    http_port: int = 8000
+    http_port: int | None = None
     host: str = "127.0.0.1"
     address: str | None = None
     num_cpus: int | None = None
@@ -90,8 +90,6 @@ class RayServeOptions:
         if lo is not None and not lo <= self.replicas <= hi:
             raise Cones2Error(f"replicas ({self.replicas}) must lie within min_replicas..max_replicas ({lo}..{hi})",
                               "replicas")
-        if not 0 <= self.batch_wait_s <= 10:
-            raise Cones2Error(f"must be in [0, 10] seconds, got {self.batch_wait_s}", "batch_wait_s")
 
     @property
     def autoscaling(self) -> bool:
@@ -120,16 +118,18 @@ def build_app(options: RayServeOptions, spec: EngineSpec):
             "initial_replicas": options.replicas, "target_ongoing_requests": options.max_batch}}
     engine = serve.deployment(Cones2Engine, name=ENGINE_DEPLOYMENT).options(
         ray_actor_options=actor,
-        # One batch running plus one forming; more wait in Ray's queue (bounded by max_queue).
-        max_ongoing_requests=2 * options.max_batch, max_queued_requests=options.max_queue * max(1, options.replicas),
+        # The replica's Core holds a running batch plus max_queue waiting; Ray's router holds a bounded rest.
+        max_ongoing_requests=options.max_queue + options.max_batch,
+        max_queued_requests=options.max_queue * max(1, options.replicas),
         graceful_shutdown_timeout_s=options.grace_seconds, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5, **scale)
     ingress = serve.deployment(Cones2Ingress, name=INGRESS_DEPLOYMENT).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=options.grace_seconds, graceful_shutdown_wait_loop_s=0.5)
-    limits = options.limits
-    return ingress.bind(engine.bind(spec, store_root(options), limits, options.max_batch, options.batch_wait_s,
-                                    options.max_queue), options.auth_token)
+    core = CoreOptions(residual_store=store_root(options), max_queue=options.max_queue, max_batch=options.max_batch,
+                       limits=options.limits, warmup_resolutions=spec.warmup_resolutions,
+                       warmup_batch_sizes=spec.warmup_batch_sizes)
+    return ingress.bind(engine.bind(spec, core), options.auth_token)
 
 
 class RayService:
@@ -161,7 +161,7 @@ class RayService:
                 kw["address"] = o.address
             ray.init(**kw)
             self.started_ray = o.address is None
-        http = {"host": o.host, "port": o.http_port}
+        http = {"host": o.host, "port": o.http_port} if o.http_port else {"location": "NoServer"}
         serve.start(http_options=http, grpc_options=gRPCOptions(port=o.grpc_port,
                                                                 grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         start = time.monotonic()

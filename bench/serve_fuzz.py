@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from . import cones2_pb2 as pb
-from .fuzz_cases import Case, CaseMaker
+from cones2.serve import cones2_pb2 as pb
+from serve_fuzz_cases import Case, CaseMaker
 
 __all__ = ["Case", "CaseMaker", "FuzzReport", "check_result", "run_fuzz", "send"]
 

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from . import cones2_pb2 as pb
+from cones2.serve import cones2_pb2 as pb
 
 BAD = "INVALID_ARGUMENT"
 HUGE_FLOATS = (float("nan"), float("inf"), float("-inf"), 1e308, -1e308, 1e39, -1e39, 3.5e38, -3.5e38)

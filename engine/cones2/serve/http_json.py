@@ -1,0 +1,231 @@
+"""The HTTP/JSON adapter: Cones2Service's messages in the proto's JSON mapping (`json_format`), on
+the standard library's ThreadingHTTPServer, over the same `Core` (auth, limits, health, metrics).
+
+    POST   /v1/generate             GenerateRequest -> GenerateResponse
+    POST   /v1/generate/stream      GenerateRequest -> NDJSON: one GenerateEvent per line, or a last
+                                    {"error": {"code", "message"}} line
+    POST   /v1/requests/{id}/cancel cancels the generation sent with header `X-Request-Id: {id}`
+    POST   /v1/residuals            RegisterResidualRequest -> RegisterResidualResponse
+    GET    /v1/residuals            ListResidualsResponse
+    DELETE /v1/residuals/{id}       DeleteResidualResponse
+    GET    /v1/info                 ServerInfo
+    GET    /v1/health               {"status": "SERVING"} (200) or "NOT_SERVING" (503); no token needed
+    GET    /metrics                 Prometheus text
+    POST   /cones2.v1.Cones2Service/{Method}   the unary RPCs by their gRPC names (as on Ray Serve)
+
+Errors answer {"code": <gRPC status name>, "message": ...} with the HTTP status of `core.HTTP_STATUS`
+(429 and 503 with Retry-After). A client that disconnects cancels its generation. docs/serve.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import select
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from google.protobuf import json_format
+
+from .. import Cones2Error
+from . import cones2_pb2 as pb
+from .auth import MESSAGE as AUTH_MESSAGE
+from .auth import Token
+from .core import DONE, HTTP_STATUS, UNARY, Core, TooLarge, status_of
+
+log = logging.getLogger(__name__)
+
+REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest,
+            "RegisterResidual": pb.RegisterResidualRequest, "ListResiduals": pb.ListResidualsRequest,
+            "DeleteResidual": pb.DeleteResidualRequest, "GetServerInfo": pb.GetServerInfoRequest}
+_ROUTES = [("POST", r"/v1/generate", "Generate"), ("POST", r"/v1/generate/stream", "GenerateStream"),
+           ("POST", r"/v1/requests/([^/]+)/cancel", "Cancel"), ("POST", r"/v1/residuals", "RegisterResidual"),
+           ("GET", r"/v1/residuals", "ListResiduals"), ("DELETE", r"/v1/residuals/([^/]+)", "DeleteResidual"),
+           ("GET", r"/v1/info", "GetServerInfo"), ("GET", r"/v1/health", "Health"), ("GET", r"/metrics", "Metrics"),
+           ("POST", r"/cones2\.v1\.Cones2Service/(Generate|RegisterResidual|ListResiduals|DeleteResidual|"
+                    r"GetServerInfo)", None)]
+POLL_S = 0.25    # how often a waiting handler checks whether its client is still connected
+
+
+def route(verb: str, path: str) -> tuple[str, str] | None:
+    """(method name, path argument) of a request line, or None."""
+    path = path.split("?", 1)[0].rstrip("/") or "/"
+    for want, pattern, method in _ROUTES:
+        m = re.fullmatch(pattern, path)
+        if m and verb == want:
+            return (method, m.group(1) if m.groups() else "") if method else (m.group(1), "")
+    return None
+
+
+def decode(method: str, body: bytes, arg: str = ""):
+    """The request message of `method` from its JSON body (path argument: DeleteResidual's id)."""
+    try:
+        msg = json_format.Parse(body or b"{}", REQUESTS[method]())
+    except Exception as exc:  # noqa: BLE001 (json_format.ParseError, UnicodeDecodeError, RecursionError...)
+        raise Cones2Error(str(exc)[:200], "request") from None
+    if method == "DeleteResidual" and arg:
+        msg.id = arg
+    return msg
+
+
+def encode(message) -> bytes:
+    return json_format.MessageToJson(message, indent=None).encode()
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"code": code, "message": message}).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 60                       # a client that stops sending its request is dropped
+    core: Core
+    token: Token
+    max_bytes: int
+
+    def do_GET(self): self._dispatch()          # noqa: E704
+    def do_POST(self): self._dispatch()         # noqa: E704
+    def do_DELETE(self): self._dispatch()       # noqa: E704
+
+    def log_message(self, fmt, *args) -> None:
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _dispatch(self) -> None:
+        found = route(self.command, self.path)
+        if found is None:
+            return self._send(404, error_body("NOT_FOUND", f"no route {self.command} {self.path.split('?')[0]}"))
+        method, arg = found
+        if method == "Health":
+            up = self.core.serving
+            return self._send(200 if up else 503, json.dumps({"status": "SERVING" if up else "NOT_SERVING"}).encode())
+        if not self.token.allows(self.headers.get("Authorization")):
+            self.core.metrics.observe(method, "UNAUTHENTICATED", 0.0)
+            return self._send(401, error_body("UNAUTHENTICATED", AUTH_MESSAGE), {"WWW-Authenticate": "Bearer"})
+        if method == "Metrics":
+            return self._send(200, self.core.metrics.text(), content_type="text/plain; version=0.0.4")
+        with self.core.call(method) as call:
+            try:
+                body = self._body()
+                if method == "Cancel":
+                    self.core.cancel(arg)
+                    return self._send(200, b"{}")
+                msg = decode(method, body, arg)
+                if method in UNARY:
+                    return self._send(200, encode(getattr(self.core, UNARY[method])(msg)))
+                return self._generate(msg, call, stream=method == "GenerateStream")
+            except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
+                call.code, message = status_of(exc)
+                retry = {"Retry-After": "1"} if call.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else {}
+                status = 413 if isinstance(exc, TooLarge) else HTTP_STATUS[call.code]
+                self._send(status, error_body(call.code, message), retry)
+
+    def _body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or (length is None and self.command == "POST"):
+            self.close_connection = True
+            raise Cones2Error("send the body with a Content-Length header", "request")
+        n = int(length or 0) if (length or "0").isdigit() else -1
+        if not 0 <= n <= self.max_bytes:
+            self.close_connection = True     # the body is not read
+            raise TooLarge(f"the request is {length} bytes; this server accepts at most {self.max_bytes}")
+        return self.rfile.read(n)
+
+    def _generate(self, msg, call, stream: bool) -> None:
+        timeout = self.headers.get("X-Timeout-Seconds")
+        deadline = time.monotonic() + float(timeout) if timeout and _number(timeout) else None
+        job = self.core.submit(msg, deadline=deadline, stream=stream, request_id=self.headers.get("X-Request-Id", ""))
+        try:
+            if not stream:
+                while not job.wait(POLL_S):
+                    if self._client_gone():
+                        job.cancel()
+                self._send(200, encode(job.response()))
+                return
+            self._start_stream()
+            while True:
+                try:
+                    event = job.events.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self._client_gone():
+                        raise ConnectionResetError("the client left") from None
+                    continue
+                if event is DONE:
+                    break
+                self._chunk(encode(pb.GenerateEvent(progress=pb.Progress(
+                    step=event.step, total_steps=event.total, preview_png=event.preview_png or b""))) + b"\n")
+            try:
+                line = encode(pb.GenerateEvent(result=job.response()))
+            except Exception as exc:  # noqa: BLE001 (the status travels in the stream's last line)
+                call.code, message = status_of(exc)
+                line = json.dumps({"error": {"code": call.code, "message": message}}).encode()
+            self._chunk(line + b"\n")
+            self._chunk(b"")
+        except OSError:
+            call.code = "CANCELLED"
+            self.close_connection = True
+        finally:
+            job.cancel()           # a no-op once it finished; otherwise the client left
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its side (readable at EOF) while we wait."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None, content_type="application/json") -> None:
+        self.send_response(status)
+        for key, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+class HttpServer:
+    """The HTTP/JSON endpoint of `core` on host:port (0 = any free port)."""
+
+    def __init__(self, core: Core, token: Token, host: str, port: int, max_bytes: int):
+        self.core, self.token, self.host, self.requested_port, self.max_bytes = core, token, host, port, max_bytes
+        self.port: int | None = None
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> "HttpServer":
+        handler = type("Handler", (_Handler,), {"core": self.core, "token": self.token, "max_bytes": self.max_bytes})
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+        try:
+            self._server = server_class((self.host.strip("[]"), self.requested_port), handler)
+        except OSError as exc:
+            raise Cones2Error(f"cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc})",
+                              "http_port") from None
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, name="cones2-http", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

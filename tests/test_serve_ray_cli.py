@@ -36,13 +36,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TOKEN = "ray-cli-test-token"
+
+
 def _serve(cwd: Path, model: Path, store: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """The command in `cwd`. Ray's gRPC proxy listens on every interface, so it needs the explicit
+    consent flag, and a token (never beyond loopback without one)."""
     port = _free_port()
+    token_file = store.parent / "token"
+    token_file.write_text(TOKEN)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     cmd = [*CLI, "serve", "--ray", "--replicas", "2", "--replica-cpus", "1", "--model", str(model),
            "--backend", "sdpa", "--port", str(port), "--http-port", str(_free_port()), "--host", "127.0.0.1",
-           "--residual-store", str(store), "--threads", "1", "--grace", "5", *extra]
+           "--residual-store", str(store), "--threads", "1", "--grace", "5", "--ray-grpc-every-interface",
+           "--auth-token-file", str(token_file), *extra]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, port
 
@@ -85,7 +93,7 @@ def test_ray_cli_serves_the_client_from_any_working_directory(where, tiny_model_
     try:
         line = _wait_for_line(proc, "SERVING")
         assert line is not None, f"the server did not come up (exit {proc.poll()}): {_stop(proc)[-3000:]}"
-        with Client(f"127.0.0.1:{port}", timeout=180) as client:
+        with Client(f"127.0.0.1:{port}", token=TOKEN, timeout=180) as client:
             client.wait_until_serving(120)
             residual_id = client.register_residual(make_residual(seed=3, dim=32, word="dog"))
             images = [client.generate("a dog on the grass", {"dog": residual_id}, seed=seed, steps=2,

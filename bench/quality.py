@@ -37,7 +37,7 @@ def parse_args(argv) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (default: {PAPER_EXACT_STEPS} in paper-exact mode, the mode's own default "
                         "in the others)")
-    p.add_argument("--mode", choices=mode_names(), default="paper-exact", help=describe_modes())
+    p.add_argument("--mode", choices=mode_names(), default="paper-exact", help=describe_modes().replace("%", "%%"))
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=16, help="requests per sampling loop")
     p.add_argument("--residual-steps", type=int, default=300)

@@ -61,13 +61,21 @@ def mode_names() -> tuple[str, ...]:
     return (DEFAULT_MODE, *(n for n in MODES if n != DEFAULT_MODE))
 
 
+def _guided(mode: Mode) -> str:
+    return "all steps" if mode.guidance_percent == 100 else f"the first {mode.guidance_percent}%"
+
+
 def describe() -> str:
     """The help text of `--mode`: each mode's line and its defaults, from the table."""
-    return "; ".join(f"{m.name}: {m.summary} (default {m.default_steps} steps, "
-                     f"{'all' if m.guidance_percent == 100 else f'the first {m.guidance_percent}%'} guided)"
+    return "; ".join(f"{m.name}: {m.summary} (default {m.default_steps} steps, {_guided(m)} guided)"
                      for m in (MODES[n] for n in mode_names()))
 
 
 def steps_help() -> str:
-    """Help for `--steps` / `--guidance-steps` defaults, from the table."""
+    """The default of `--steps` in each mode, from the table."""
     return ", ".join(f"{m.default_steps} in {m.name} mode" for m in (MODES[n] for n in mode_names()))
+
+
+def guidance_steps_help() -> str:
+    """The default of `--guidance-steps` in each mode, from the table."""
+    return ", ".join(f"{_guided(m)} in {m.name} mode" for m in (MODES[n] for n in mode_names()))

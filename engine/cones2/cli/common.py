@@ -23,7 +23,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     for spec, option in backends.option_flags():
         if option.flag:
             implies = f"; implies --backend {spec.name}" if option.selects else f"; for --backend {spec.name}"
-            p.add_argument(f"--{option.flag}", default=None, metavar=option.metavar, help=option.help + implies)
+            p.add_argument(f"--{option.flag}", default=None, metavar=option.metavar, help=escape(option.help + implies))
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (CUDA graphs on CUDA); composes with every attention backend "
                         f"({', '.join(s.name for s in backends.specs() if s.compilable)}; without --backend "
@@ -53,7 +53,12 @@ def add_mode_flag(p: argparse.ArgumentParser, default: str | None = None) -> Non
     """--mode with its choices and help from the mode table (`cones2.modes`)."""
     from ..modes import describe, mode_names
 
-    p.add_argument("--mode", choices=mode_names(), default=default, help=describe())
+    p.add_argument("--mode", choices=mode_names(), default=default, help=escape(describe()))
+
+
+def escape(text: str) -> str:
+    """`text` as an argparse help string (which %-formats it)."""
+    return text.replace("%", "%%")
 
 
 def backend_choice(args, device=None) -> tuple[str | None, dict]:

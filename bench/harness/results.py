@@ -7,8 +7,12 @@ A results record is one JSON object:
   machine   platform, CPU, usable cores, load average (1, 5, 15 min) when written, GPU, torch
   settings  what the script was asked to do (its flags, resolved)
   payload   what it measured (the script's own shape)
-  summary   optional: {area, headline, details}: the line `bench/results_index.py` puts in RESULTS.md
+  summaries optional: [{area, headline, details}]: the headline rows `bench/results_index.py` puts in
+            bench/RESULTS.md (details: a write-up, relative to bench/results/)
+  related   optional: other records of the same finding, relative to bench/results/
   files     optional: other files of the same run (logs, images), relative to the record's folder
+Every file in bench/results/ is a record or listed in a record's `files`; after adding one, run
+`python bench/results_index.py` (tests/test_results_index.py checks both).
 Records converted from older shapes say NOT_RECORDED where a field was never saved; nothing is
 invented. `bench/results_index.py` builds bench/RESULTS.md from these records.
 """
@@ -64,23 +68,23 @@ def command_line(argv: list[str] | None, script: str) -> str:
 
 
 def result_record(settings: dict, payload, *, argv: list[str] | None = None, script: str,
-                  summary: dict | None = None, files: list[str] | None = None) -> dict:
+                  summaries: list[dict] | None = None, files: list[str] | None = None) -> dict:
     """A record of the format above, for the run happening now."""
     record = {"format": RESULT_FORMAT, "command": command_line(argv, script), "git": git_revision(),
               "machine": machine(), "settings": settings, "payload": payload}
-    if summary:
-        record["summary"] = summary
+    if summaries:
+        record["summaries"] = list(summaries)
     if files:
         record["files"] = list(files)
     return record
 
 
 def write_result(path: str | os.PathLike, settings: dict, payload, *, argv: list[str] | None = None, script: str,
-                 summary: dict | None = None, files: list[str] | None = None) -> Path:
+                 summaries: list[dict] | None = None, files: list[str] | None = None) -> Path:
     """Write a record of this run to `path` (folders made, replaced atomically); returns the path."""
     from cones2.atomic import atomic_write
 
-    record = result_record(settings, payload, argv=argv, script=script, summary=summary, files=files)
+    record = result_record(settings, payload, argv=argv, script=script, summaries=summaries, files=files)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(record, indent=1, default=str) + "\n").encode())

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from cones2.precision import default_dtype  # noqa: E402
 from harness.attention import BACKENDS, SD21_CROSS_ATTENTION, run_attention_benchmark  # noqa: E402
 
 TINY_SHAPES = ((144, 2, 32), (64, 2, 16))   # (N, heads, head dim)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or default_dtype(device)]
     asked = [b.strip() for b in args.backends.split(",")] if args.backends else list(BACKENDS)
     unknown = [b for b in asked if b not in BACKENDS]
     if unknown or args.warmup < 0 or args.repeat < 1:

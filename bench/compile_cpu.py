@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.results import write_result
+
 VARIANTS = ("eager", "compiled", "default")
 PROMPT = "a dog and a mug on the beach"
 BOXES = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
@@ -115,7 +117,7 @@ def parent(args) -> int:
     summary["max_abs_latent_diff_vs_paper_exact"] = {v: max(r["max_abs_latent_diff_vs_paper_exact"] for r in runs
                                                             if r["variant"] == v) for v in variants}
     summary["latent_scale"] = exact.abs().max().item()
-    out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "case": {
+    out = {"case": {
         "model": args.model or "tiny random SD-2-shaped (cones2.default_model.tiny_model_dir)",
         "resolution": args.resolution,
         "steps": args.steps, "guided_steps": args.steps, "subjects": 2, "backend": args.backend, "mode": args.mode,
@@ -123,7 +125,7 @@ def parent(args) -> int:
         "runs": runs, "summary": summary}
     print(json.dumps(summary, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_result(args.json, out["case"], out, script="bench/compile_cpu.py")
     return 0
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.results import write_result
+
 from cones2_train.demo_world import detector
 from cones2_train.demo_world.metrics import eval_scene
 
@@ -124,8 +126,9 @@ def main(argv=None) -> int:
         for name, row in rows.items():
             print(f"{tag:18s} {name:13s} {row['right']:4d}/{row['objects']:<4d} {row['accuracy']:.3f}  {row['confusions']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "scenes_per_count": args.scenes,
-                                               "results": results}, indent=1))
+        write_result(args.json, {"model": args.model, "scenes_per_count": args.scenes},
+                     {"model": args.model, "scenes_per_count": args.scenes, "results": results}, argv=argv,
+                     script="bench/detector_check.py")
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from harness.results import machine, write_result
 
 
 def main(argv=None) -> int:
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     a, b = (results[n].latents for n in engines)
     med = {n: statistics.median(v) for n, v in sampling.items()}
     med_unet = {n: statistics.median(v) for n, v in unet.items()}
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+    print(f"machine: {machine()['cpu']}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"python {sys.version.split()[0]}, torch {torch.__version__}")
     print(f"model: {e0.components.model_id}, {args.size}x{args.size}, {args.steps} steps (all guided, "
           f"{2 * args.steps} UNet calls of batch 2), repeats {args.repeats}, UNet calls timed {args.unet_calls}")
@@ -100,8 +101,7 @@ def main(argv=None) -> int:
         import onnxruntime
 
         manifest = json.loads((Path(onnx_dir) / "manifest.json").read_text())
-        out = {"meta": {"command": " ".join(["python bench/export_parity.py"] + sys.argv[1:]),
-                        "machine": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        out = {"meta": {"torch_threads": torch.get_num_threads(),
                         "ort_threads": args.threads, "python": sys.version.split()[0], "torch": torch.__version__,
                         "onnxruntime": onnxruntime.__version__, "model_id": e0.components.model_id,
                         "size": args.size, "steps": args.steps, "repeats": args.repeats,
@@ -113,21 +113,9 @@ def main(argv=None) -> int:
                                         "unet_call": med_unet[names[0]] / med_unet[names[1]]},
                "final_latents_max_abs_diff": diff,
                "export_check": {name: m.get("verified") for name, m in manifest.get("models", {}).items()}}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+        write_result(args.json, out["meta"], out, script="bench/export_parity.py")
         print(f"wrote {args.json}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

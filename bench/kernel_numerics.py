@@ -5,10 +5,11 @@ For each dtype and SD 2.1 cross-attention shape (768 px) a batch of three sample
 -1e8 outside the subjects' regions, unconditional (coef 0), guided at the hard-mask threshold -1e4
 with a tiny coef - runs through the fused Triton kernel, the CUDA twin (when its library loads; set
 CONES2_RCA_LIBRARY) and the engine's `reference` backend. Each is compared with the float64 formula
-below (computed from the same rounded inputs): max abs error against a per-dtype tolerance, the
+of `cones2.kernels.reference` (computed from the same rounded inputs): max abs error against a per-dtype tolerance, the
 std pre-pass against torch.std, hard-masked probabilities exactly 0, everything finite, and the
-time of the first call per shape (compile + bounded autotuning). Results go to OUT/numerics.json,
-rewritten after every row so a timeout keeps what was done; exit 1 if any check fails, a call
+time of the first call per shape (compile + bounded autotuning). Results go to OUT/numerics.json, a
+results record (bench/harness/results.py; the rows are its payload), rewritten after every row so a
+timeout keeps what was done; exit 1 if any check fails, a call
 raises, or an implementation named by --require cannot run here.
 
     python bench/kernel_numerics.py --out out/gpu                            # a CUDA machine
@@ -17,36 +18,26 @@ raises, or an implementation named by --require cannot run here.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from cones2.kernels.reference import hard_mask, rectified_attention  # noqa: E402
+from harness.results import write_result  # noqa: E402
 
 M_KEYS = 77
-HARD_MASK = -1e4
 SUBJECT_TOKENS = (2, 5)
 SD21_SHAPES = ((9216, 5, 64), (2304, 10, 64), (576, 20, 64), (144, 20, 64))   # (N, heads, head dim) at 768 px
 TINY_SHAPES = ((70, 2, 64),)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATOL = {"fp32": 2e-5, "fp16": 3e-3, "bf16": 2.5e-2}     # same bounds as tests/test_kernel_*.py
 STD_RTOL = {"fp32": 1e-5, "fp16": 1e-4, "bf16": 1e-4}
-
-
-def spec_attention(q, k, v, weight, coef, scale):
-    """SPEC 3 literally, float64, per sample: S = QK^T, sd = std(S) over heads, pixels, keys;
-    logits (S + coef W sd) * scale, -inf where W <= -1e4 and coef > 0; softmax; times V."""
-    q, k, v, weight = q.double(), k.double(), v.double(), weight.double()
-    s = q @ k.transpose(-1, -2)                                                  # (B, H, N, M)
-    sd = s.flatten(1).std(dim=1)                                                 # (B,), unbiased
-    c = coef.double()[:, None, None, None]
-    logits = (s + c * weight[:, None] * sd[:, None, None, None]) * scale
-    logits = logits.masked_fill((weight[:, None] <= HARD_MASK) & (c > 0), float("-inf"))
-    return torch.softmax(logits, dim=-1) @ v, sd
 
 
 def layout_inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -72,7 +63,7 @@ def mask_probe(q, k, weight, coef, call) -> dict:
         v[:, :, tok, j] = 1
     probs = call(v)[..., : len(SUBJECT_TOKENS)].float()                         # (B, H, N, 2)
     w = weight[:, :, list(SUBJECT_TOKENS)]                                         # (B, N, 2)
-    hard = ((w <= HARD_MASK) & (coef[:, None, None] > 0))[:, None].expand_as(probs)
+    hard = hard_mask(w, coef)[:, None].expand_as(probs)
     return {"hard_masked": int(hard.sum()), "hard_mask_nonzero": int((probs[hard] != 0).sum()),
             "finite": bool(torch.isfinite(probs).all()), "allowed_positive": bool((probs[~hard] > 0).any())}
 
@@ -147,17 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     shapes = TINY_SHAPES if args.tiny else SD21_SHAPES
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "numerics.json"
-    result = {"meta": {"device": str(device), "device_name": torch.cuda.get_device_name(device)
-                       if device.type == "cuda" else platform.processor() or platform.machine(),
-                       "torch": torch.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-                       "shapes": [list(s) for s in shapes], "dtypes": dtypes,
-                       "command": " ".join(["python", "bench/kernel_numerics.py",
-                                            *(argv if argv is not None else sys.argv[1:])])},
-              "skipped": skipped, "rows": [], "ok": None}
+    settings = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                else "cpu", "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+                "shapes": [list(s) for s in shapes], "dtypes": dtypes, "impls": args.impls, "require": args.require}
+    result = {"skipped": skipped, "rows": [], "ok": None}
+
+    def save():
+        write_result(path, settings, result, argv=argv, script="bench/kernel_numerics.py")
+
     for dtype_name in dtypes:
         for n, heads, dim in shapes:
             q, k, v, weight, coef = layout_inputs(n, heads, dim, DTYPES[dtype_name], device)
-            expected, sd64 = spec_attention(q, k, v, weight, coef, dim ** -0.5)
+            expected, sd64 = rectified_attention(q, k, v, weight, coef, dim ** -0.5)
             for name, call in calls.items():
                 row = {"dtype": dtype_name, "shape": f"B=3 H={heads} N={n} M={M_KEYS} d={dim}", "impl": name}
                 try:
@@ -173,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                     row.update({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
                     print(f"{dtype_name} {row['shape']:<26} {name:<9} ERROR {row['error']}", flush=True)
                 result["rows"].append(row)
-                path.write_text(json.dumps(result, indent=2))
+                save()
             del q, k, v, weight, coef, expected
     missing = [name for name in args.require.split(",") if name.strip() and name.strip() not in calls]
     result["missing_required"] = missing
     result["ok"] = bool(result["rows"]) and all(r["ok"] for r in result["rows"]) and not missing
-    path.write_text(json.dumps(result, indent=2))
+    save()
     print(f"{'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'}; skipped: {skipped or 'none'}; "
           f"required but missing: {missing or 'none'}; wrote {path}")
     return 0 if result["ok"] else 1

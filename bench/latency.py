@@ -27,6 +27,7 @@ from cones2 import Cones2Error, Engine  # noqa: E402
 from cones2.backends import ATTENTION, backend_names, select_backend, why_unavailable  # noqa: E402
 from cones2.cli.exit_codes import run_cli  # noqa: E402
 from cones2.loading import parse_device, parse_dtype  # noqa: E402
+from cones2.precision import default_dtype  # noqa: E402
 from cones2.random_model import random_components  # noqa: E402
 from cones2.threads import configure_threads  # noqa: E402
 from harness.attention import run_attention_benchmark  # noqa: E402
@@ -116,7 +117,7 @@ def run(args) -> int:
 
         args.steps = MODES[args.mode].default_steps
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
+    dtype = parse_dtype(args.dtype or default_dtype(device), device)
     for flag, low in (("steps", 1), ("warmup", 0), ("repeat", 1)):
         if getattr(args, flag) < low:
             raise Cones2Error(f"must be >= {low}, got {getattr(args, flag)}", flag)

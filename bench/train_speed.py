@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from harness.results import write_result
 from PIL import Image, ImageDraw
 
 from cones2.random_model import random_components
@@ -138,8 +139,8 @@ def main(argv=None) -> int:
         if args.compare_optimizers:
             record["adamw_ms"] = compare_optimizers(list(profiled.tuned.parameters()), device)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2))
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        write_result(args.json, settings, record, script="bench/train_speed.py")
         print(f"wrote {args.json}")
     return 0
 

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from cones2.backends import ATTENTION, RUNNER, BackendSpec, missing_package, register
+from cones2.backends import ATTENTION, BASE_ATTENTION, RUNNER, BackendOption, BackendSpec, missing_package, register
 
 
 def _ort_runner(engine, onnx_dir=None, **options):
@@ -58,9 +58,15 @@ def _trt_unavailable(device: torch.device) -> str | None:
 register(BackendSpec("onnxruntime", RUNNER, _ort_runner,
                      "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; onnx_dir, "
                      "or an export made on first use and cached per model",
-                     unavailable=_ort_unavailable, default_on=("cpu",), priority=15))
+                     unavailable=_ort_unavailable, default_on=("cpu",), priority=15, fallback=BASE_ATTENTION,
+                     options=(BackendOption("onnx_dir", "onnx", "exported ONNX directory (default: the export "
+                                            "cached per model)", selects=True, made_by="cones2-engine export onnx"),
+                              BackendOption("providers", "", "ONNX Runtime execution providers (API only)"))))
 register(BackendSpec("tensorrt", RUNNER, _trt_runner,
                      "TensorRT engines built from the ONNX graphs, CUDA graphs per shape; needs engine_dir",
-                     unavailable=_trt_unavailable, needs=("engine_dir",)))
+                     unavailable=_trt_unavailable, needs=("engine_dir",),
+                     options=(BackendOption("engine_dir", "trt", "TensorRT engine directory",
+                                            made_by="cones2-engine export tensorrt"),
+                              BackendOption("cuda_graphs", "", "replay CUDA graphs per shape (API only)"))))
 register(BackendSpec("onnx", ATTENTION, _graph_attention,
                      "export-only: SPEC 3 in fp32 graph ops that ONNX and TensorRT express (used when tracing)"))

@@ -6,8 +6,8 @@ TensorRT cannot express and ONNX Runtime would run slowly. Here everything stays
 std is materialised: S = Q K^T in fp32, sd = torch.std(S) over (heads, queries, keys) per sample,
 the two-pass formula ONNX `ReduceMean`s give, with no cancellation to guard against. The score
 matrix (B, H, N, 77) is small for cross-attention (77 keys), so materialising it costs little
-next to the UNet's convolutions. The hard mask is `where(weight <= -1e4 & coef > 0, -inf, .)`,
-exact in every precision (SPEC 3). Plain attention stays `scaled_dot_product_attention`, which the
+next to the UNet's convolutions. The hard mask is `where(hard_mask(weight, coef), -inf, .)`
+(`cones2.kernels.reference`, SPEC 3's rule), exact in every precision. Plain attention stays `scaled_dot_product_attention`, which the
 exporter writes as MatMul-Softmax-MatMul that TensorRT's attention fusion recognises.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cones2.attention import HARD_MASK
+from cones2.kernels.reference import hard_mask
 
 NAME = "onnx"
 
@@ -33,8 +33,7 @@ class GraphAttention:
         sd = scores.std(dim=(1, 2, 3))                                            # (B,) unbiased
         factor = (coef * sd * scale)[:, None, None, None]                        # (B, 1, 1, 1)
         logits = scores * scale + factor * weight[:, None]                        # (B, H, N, M)
-        hard = (weight[:, None] <= HARD_MASK) & (coef[:, None, None, None] > 0)
-        logits = torch.where(hard, float("-inf"), logits)
+        logits = torch.where(hard_mask(weight, coef)[:, None], float("-inf"), logits)
         return (torch.softmax(logits, dim=-1) @ v.float()).to(q.dtype)
 
 

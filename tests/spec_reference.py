@@ -1,6 +1,7 @@
-"""Independent plain-PyTorch reference of the Cones 2 sampling math (SPEC.md sections 2, 3, 4).
+"""Independent plain-PyTorch reference of the Cones 2 sampling math (docs/math.md sections 2, 3, 4).
 
-Written from /work/shared/SPEC.md alone, for tests that check the optimised engine.
+Written from the math alone (docs/math.md, whose section numbers the SPEC n citations use), for tests
+that check the optimised engine; it imports no product code.
 Clarity over speed: materialised attention scores, one sample at a time, separate
 conditional / unconditional UNet calls, explicit Python loops, float32 everywhere.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -392,18 +391,15 @@ def test_cli_user_errors(tmp_path, capsys):
 
 
 # ---- metrics and the benchmark -----------------------------------------------------------------------------------
-def _run_quality(*args: str) -> None:
-    """Run bench/quality.py as its users do (a script; bench/ is not a package), failing with its stderr."""
-    script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    proc = subprocess.run([sys.executable, str(script), *args, "--no-progress"], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _quality(**settings) -> dict:
+    """The demo-world evaluation, called as the library it is (`bench/quality.py` is its command line)."""
+    from cones2_train.demo_world.evaluation import Settings, evaluate
+
+    return evaluate(Settings(progress=False, **settings).quick())
 
 
 def test_quality_metrics_score_the_world_itself_perfectly(tmp_path):
-    out = tmp_path / "q.json"
-    _run_quality("--oracle", "--quick", "--prompts", "12", "--residual-prompts", "4", "--json", str(out))
-    res = json.loads(out.read_text())
+    res = _quality(oracle=True)
     for row in res["layout"].values():
         assert row["guided"]["fidelity"] == 1.0 and row["guided"]["layout"] == 1.0
         assert row["guided"]["containment"] == 1.0
@@ -420,12 +416,9 @@ def test_quality_metrics_score_the_world_itself_perfectly(tmp_path):
 
 
 def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
-    out = tmp_path / "q.json"
     model = smoke_run[1]["model"]
     misses = tmp_path / "misses"
-    _run_quality("--model", str(model), "--quick", "--negative-weight", "-20", "--first-prompt", "5",
-                 "--save-misses", str(misses), "--json", str(out))
-    res = json.loads(out.read_text())
+    res = _quality(model=str(model), negative_weight=-20, first_prompt=5, save_misses=str(misses))
     assert set(res["layout"]) == {"2", "3"}
     assert res["settings"]["negative_weight"] == -20 and res["settings"]["first_prompt"] == 5
     sheets = sorted(misses.glob("*.png")) if misses.exists() else []

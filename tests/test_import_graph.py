@@ -1,4 +1,4 @@
-"""The house rules of README's layout table, enforced over the source tree with `ast`.
+"""The house rules of docs/architecture.md's import table, enforced over the source tree with `ast`.
 
 kernels/ is a leaf (torch, triton, the standard library); the engine core (engine/cones2 without
 serve/ and cli/) never imports serve, export, bench or training, not even by an importlib string; the

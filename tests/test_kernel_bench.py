@@ -65,7 +65,9 @@ def test_kernel_numerics_script_on_the_interpreter(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "kernel_numerics.py"), "--tiny", "--out", str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    result = json.loads((tmp_path / "numerics.json").read_text())
+    record = json.loads((tmp_path / "numerics.json").read_text())
+    assert record["command"].startswith("python bench/kernel_numerics.py --tiny")   # bench/harness/results.py
+    result = record["payload"]
     assert result["ok"] is True and "cuda" in result["skipped"]
     rows = {(r["impl"], r["dtype"]): r for r in result["rows"]}
     assert set(rows) == {(i, d) for i in ("triton", "reference") for d in ("fp32", "fp16", "bf16")}

@@ -22,10 +22,12 @@ _LAZY = {
     "Engine": "engine", "Generation": "engine", "GenerationRequest": "engine",
     "Layout": "layout", "Residual": "residual", "SamplingConfig": "config",
     "backend_names": "backends", "select_backend": "backends", "cache_root": "default_model",
+    "default_dtype": "precision", "get_mode": "modes", "mode_names": "modes",
 }
 
 __all__ = ["Cones2Error", "Engine", "Generation", "GenerationCancelled", "GenerationRequest", "Layout",
-           "Residual", "SamplingConfig", "__version__", "backend_names", "cache_root", "select_backend"]
+           "Residual", "SamplingConfig", "__version__", "backend_names", "cache_root", "default_dtype", "get_mode",
+           "mode_names", "select_backend"]
 
 
 def __getattr__(name: str):

@@ -9,6 +9,10 @@ Each backend registers a `BackendSpec` when its module is imported. Registering 
 packages (triton, onnxruntime, tensorrt) are imported only when the backend is built. Backends that
 live outside the engine core (`cones2.export`) are found through the `cones2.backends` entry-point
 group of the installed distribution, so the core never names them.
+
+The spec is the one place that says what a backend can do: its kind, whether torch.compile traces
+it, the options (and CLI flags) it takes, and what the engine falls back to when it cannot start.
+The engine, the compiled runner, the CLI (flags, pairing, help texts) and the Ray options ask it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,27 @@ RUNNER = "UNet runner"
 ENTRY_POINT_GROUP = "cones2.backends"
 DEFAULT_ENV = "CONES2_BACKEND"   # pins the default for every engine of the process (docs/speed.md)
 
+# The attention backend every fallback ends in, and the one a UNet called without an attention
+# context (a diffusers pipeline sharing the engine's modules) runs: torch SDPA, exact and everywhere.
+BASE_ATTENTION = "sdpa"
+
 log = logging.getLogger("cones2.backends")
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """One keyword option a UNet runner takes, and the command-line flag that gives it.
+
+    name: the factory keyword (`backend_options` key), e.g. "onnx_dir". flag: the flag without its
+    dashes, e.g. "onnx". selects: giving the flag alone picks this backend (--onnx DIR means
+    onnxruntime). made_by: the command that makes the value, named in errors."""
+
+    name: str
+    flag: str
+    help: str
+    metavar: str = "DIR"
+    selects: bool = False
+    made_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -38,8 +62,11 @@ class BackendSpec:
     factory: attention backend: `factory() -> backend` (with `plain` and `cross`); UNet runner:
     `factory(engine, **options) -> runner`. unavailable(device): None when it can run on `device`,
     else a short reason. default_on: device types where it may be picked by default; among those
-    that can run, the highest `priority` wins. needs: options a runner cannot do without (e.g.
-    `onnx_dir`), so it is never a default. exact: computes SPEC 3 exactly (within float rounding).
+    that can run, the highest `priority` wins. options: the `BackendOption`s a UNet runner takes;
+    needs: the names of those it cannot do without (e.g. `engine_dir`), so it is never a default.
+    exact: computes SPEC 3 exactly (within float rounding). traceable: written in plain PyTorch ops
+    that torch.compile traces (any other attention backend runs as one opaque op in a compiled UNet).
+    fallback: the backend the engine takes when this one, picked as a default, cannot start.
     """
 
     name: str
@@ -51,6 +78,15 @@ class BackendSpec:
     priority: int = 0
     needs: tuple[str, ...] = ()
     exact: bool = True
+    options: tuple[BackendOption, ...] = ()
+    traceable: bool = False
+    fallback: str | None = None
+
+    @property
+    def compilable(self) -> bool:
+        """torch.compile (`--compile`) applies: the PyTorch UNet runs with this attention backend.
+        A UNet runner runs its own compiled graphs instead."""
+        return self.kind == ATTENTION
 
 
 _SPECS: dict[str, BackendSpec] = {}
@@ -62,6 +98,13 @@ def register(spec: BackendSpec) -> None:
     """Make `spec.name` a valid backend (a later registration of the same name replaces it)."""
     if spec.kind not in (ATTENTION, RUNNER):
         raise ValueError(f"backend {spec.name!r}: kind must be ATTENTION or RUNNER, got {spec.kind!r}")
+    if spec.kind == ATTENTION and spec.options:
+        raise ValueError(f"backend {spec.name!r}: attention backends take no options")
+    unknown = set(spec.needs) - {o.name for o in spec.options} if spec.options else set()
+    if unknown:
+        raise ValueError(f"backend {spec.name!r}: needs {sorted(unknown)} are not among its options")
+    if spec.traceable and spec.kind != ATTENTION:
+        raise ValueError(f"backend {spec.name!r}: only attention backends are traced by torch.compile")
     _SPECS[spec.name] = spec
     _ATTENTION_INSTANCES.pop(spec.name, None)
 
@@ -155,6 +198,30 @@ def select_backend(device: str | torch.device, requested: str | None = None, *,
     if log_choice:
         log.info("backend %s: %s", name, reason)
     return name, reason
+
+
+def fallback(name: str, device: str | torch.device, kinds: tuple[str, ...] = (ATTENTION, RUNNER)) -> str | None:
+    """What the engine takes when default backend `name` cannot start on `device`: its spec's
+    `fallback` when that is one of `kinds` and can run here, else None (then the failure stands)."""
+    nxt = get_spec(name).fallback
+    if nxt is None or nxt == name:
+        return None
+    spec = get_spec(nxt)
+    return nxt if spec.kind in kinds and spec.unavailable(torch.device(device)) is None else None
+
+
+def option_flags() -> list[tuple[BackendSpec, BackendOption]]:
+    """Every (runner, option) pair that has a command-line flag, by backend name."""
+    return [(s, o) for s in specs(RUNNER) for o in s.options]
+
+
+def describe(kind: str | None = None) -> str:
+    """One line per backend (name, kind, summary, default devices): the help texts' source."""
+    lines = []
+    for s in specs(kind):
+        where = f"; default on {', '.join(s.default_on)}" if s.default_on and not s.needs else ""
+        lines.append(f"{s.name} ({s.kind}{where}): {s.summary}")
+    return "\n".join(lines)
 
 
 def attention_backend(name: str) -> object:

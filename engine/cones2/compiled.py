@@ -7,18 +7,17 @@ resolution) and the (B,) rectification coefficients g * log(1 + sigma_i^2). A ne
 layout, guidance weight or step therefore never recompiles; a new (batch, resolution) does: shapes
 are static (one graph per shape, which is what CUDA graphs capture). Guided and unguided calls are
 two compiled functions, so two graphs per shape. The math is the attention backend's, unchanged:
-reference and sdpa are traced (inductor fuses the rectification bias), any other backend (triton,
-plugins) runs as one opaque custom op per attention call, so the graph never breaks around it.
+backends whose spec says `traceable` (reference, sdpa) are traced (inductor fuses the rectification
+bias); any other (triton, plugins) runs as one opaque custom op per attention call, so the graph
+never breaks around it.
 """
 from __future__ import annotations
 
 import torch
 
 from .attention import AttentionContext, Rectification
-from .backends import attention_backend
+from .backends import attention_backend, get_spec
 
-# Backends written in plain PyTorch ops that dynamo traces; every other one runs as an opaque op.
-TRACEABLE = frozenset({"reference", "sdpa"})
 # Graphs one compiled function may hold: (batch sizes x resolutions) a service warms up, per engine.
 GRAPHS_PER_FUNCTION = 256
 # The torch.compile backend. Tests that only count graphs use "aot_eager" (same tracing and guards,
@@ -97,7 +96,7 @@ class CompiledUNetRunner:
         self.name = attention_backend_name
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.backend = (attention_backend(attention_backend_name) if attention_backend_name in TRACEABLE
+        self.backend = (attention_backend(attention_backend_name) if get_spec(attention_backend_name).traceable
                         else OpaqueBackend(attention_backend_name))
         self.compiler = compiler or COMPILER
         inductor = self.compiler == "inductor"

@@ -1,6 +1,7 @@
-"""Sampling settings as one frozen, validated object (SPEC sections 3 and 4).
+"""Sampling settings as one frozen, validated object (docs/math.md sections 3 and 4).
 
-Validated once at the edge (CLI, gRPC and the Python API all build it); the sampler and the
+The sampling defaults are written here once: `Engine.generate` and `Engine.request` take None for
+"this default", and the CLI and the gRPC mapping leave unset fields unset. Validated once at the edge (CLI, gRPC and the Python API all build it); the sampler and the
 attention backends trust it. The bounds live in `limits`.
 """
 from __future__ import annotations
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 from . import limits
 from .errors import Cones2Error, quote
 from .limits import LAYOUT_RESIZES, MAX_SIDE, MAX_STEPS  # noqa: F401 (re-exported)
-from .modes import MODES as _MODE_DEFAULTS
+from .modes import DEFAULT_MODE, get_mode, mode_names
 
-MODES = ("paper-exact", "fast")
+MODES = mode_names()   # re-exported: the table is `cones2.modes`
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class SamplingConfig:
     guidance scale, in [0, 100] (default 7.5). negative_weight: w- outside each subject's region,
     in [-1e9, 0] (default -1e8; any value <= -1e4 acts as a hard mask). height/width: output pixels,
     multiples of 64 in [64, 4096]. seed: in [0, 2**63 - 1].
-    mode: "paper-exact" (SPEC 4: Euler, CPU noise stream) or "fast" (DPM-Solver++ 2M, noise drawn
-    on the device; `cones2.modes`, docs/speed.md).
+    mode: a row of the `cones2.modes` table: "paper-exact" (the default; SPEC 4: Euler, CPU noise
+    stream) or "fast" (DPM-Solver++ 2M, noise drawn on the device; docs/speed.md).
     layout_resize: how the layout's maps reach each attention level: "aligned-corners" (SPEC 3, the
     default in every mode) or "cell-centres" (each latent cell takes the map at its own centre; an
     opt-in deviation for small latent grids, `cones2.limits.LAYOUT_RESIZES`, docs/layout.md).
@@ -41,7 +42,7 @@ class SamplingConfig:
     cfg_scale: float = 7.5
     negative_weight: float = -1e8
     seed: int = 0
-    mode: str = "paper-exact"
+    mode: str = DEFAULT_MODE
     layout_resize: str = "aligned-corners"
 
     def __post_init__(self):
@@ -51,7 +52,7 @@ class SamplingConfig:
         if self.layout_resize not in LAYOUT_RESIZES:
             raise Cones2Error(f"must be one of {', '.join(LAYOUT_RESIZES)}, got {quote(self.layout_resize)}",
                               "layout_resize")
-        mode = _MODE_DEFAULTS[self.mode]
+        mode = get_mode(self.mode)
         steps = mode.default_steps if self.steps is None else self.steps
         put("steps", limits.integer(steps, "steps", 1, MAX_STEPS))
         g = (mode.guidance_steps(self.steps) if self.guidance_steps is None

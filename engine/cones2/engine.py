@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .config import SamplingConfig
+from .modes import get_mode
 from .embeddings import add_residuals, encode_prompts
 from . import limits
 from .errors import Cones2Error, quote
@@ -26,8 +27,9 @@ from .limits import MAX_PROMPT_CHARS, MAX_SUBJECTS  # re-exported: the bounds li
 from .image import decode_latents, png_info
 from .layout import Layout, level_shapes
 from .loading import Components, load_components, parse_device, parse_dtype
+from .precision import default_dtype
 from .residual import Residual
-from .backends import ATTENTION, RUNNER, default_backends, select_backend
+from .backends import ATTENTION, DEFAULT_ENV, RUNNER, default_backends, fallback, select_backend
 from .runners import make_runner
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
@@ -149,36 +151,40 @@ class Engine:
             self._start_default_backend(backend_options or {})
 
     def _start_default_backend(self, options: dict) -> None:
-        """Build the best default backend for the device; when one cannot start (its cached export
-        fails, say), log why and take the next. `compile` limits the choice to attention backends."""
+        """Build the best default backend for the device; when it cannot start (its cached export
+        fails, say), log why and take the fallback its spec names (`cones2.backends.fallback`).
+        A pinned `$CONES2_BACKEND` has no fallback. `compile` limits the choice to attention backends."""
         kinds = (ATTENTION,) if self.compile else (ATTENTION, RUNNER)
-        candidates = default_backends(self.device, kinds)
+        name, reason = default_backends(self.device, kinds)[0]
+        pinned = reason == f"${DEFAULT_ENV}"
         failed = []
-        for k, (name, reason) in enumerate(candidates):
+        while True:
             try:
                 self._runners[name] = make_runner(name, self, compile=self.compile, **options)
-            except Exception as exc:  # noqa: BLE001 - any failure of an optional default means: use the next
-                if k + 1 == len(candidates):
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure of an optional default means: use its fallback
+                nxt = None if pinned else fallback(name, self.device, kinds)
+                if nxt is None:
                     raise
                 log.warning("default backend %s could not start (%s: %s); using %s", name, type(exc).__name__,
-                            str(exc).splitlines()[0] if str(exc) else "", candidates[k + 1][0])
+                            str(exc).splitlines()[0] if str(exc) else "", nxt)
                 failed.append(name)
-                continue
-            self.default_backend = name
-            self.backend_reason = reason + (f" ({', '.join(failed)} could not start)" if failed else "")
-            log.info("backend %s: %s", name, self.backend_reason)
-            return
+                name, options = nxt, {}
+        self.default_backend = name
+        self.backend_reason = reason + (f" ({', '.join(failed)} could not start)" if failed else "")
+        log.info("backend %s: %s", name, self.backend_reason)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = "fp32", backend: str | None = None,
+                        dtype: str | torch.dtype | None = None, backend: str | None = None,
                         backend_options: dict | None = None, compile: bool = False) -> "Engine":
         """Load a diffusers-layout SD checkpoint (local dir or hub id); None = the embedded default model.
+        dtype None = `cones2.precision.default_dtype(device)` (fp16 on CUDA, fp32 elsewhere).
         compile: torch.compile the UNet call (opt-in; `cones2.compiled`, docs/speed.md)."""
         from .default_model import default_model_dir
 
         dev = parse_device(device)
-        dt = parse_dtype(dtype, dev)
+        dt = parse_dtype(default_dtype(dev) if dtype is None else dtype, dev)
         if backend is not None:
             select_backend(dev, backend)  # an unusable backend fails before the checkpoint loads
         components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt)
@@ -248,9 +254,11 @@ class Engine:
     def request(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
                 subject_positions: Mapping[str, list[int]] | None = None, height: int | None = None,
                 width: int | None = None, **settings) -> GenerationRequest:
-        """Build a validated request; `settings` are SamplingConfig fields (steps, seed, ...)."""
+        """Build a validated request; `settings` are SamplingConfig fields (steps, seed, ...), a None
+        one meaning the config's default; height/width None = the model's resolution."""
         size = self.default_resolution
-        config = SamplingConfig(height=height or size, width=width or size, **settings)
+        given = {k: v for k, v in settings.items() if v is not None}
+        config = SamplingConfig(height=height or size, width=width or size, **given)
         return GenerationRequest(prompt, dict(subjects or {}), layout, config, subject_positions)
 
     def check(self, request: GenerationRequest) -> list[SubjectTokens]:
@@ -285,20 +293,19 @@ class Engine:
         return tokens
 
     def generate(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
-                 seed: int = 0, steps: int | None = None, guidance_steps: int | None = None,
-                 guidance_weight: float = 0.08, cfg_scale: float = 7.5, negative_weight: float = -1e8,
-                 height: int | None = None, width: int | None = None, mode: str = "paper-exact",
-                 layout_resize: str = "aligned-corners", backend: str | None = None,
+                 seed: int | None = None, steps: int | None = None, guidance_steps: int | None = None,
+                 guidance_weight: float | None = None, cfg_scale: float | None = None,
+                 negative_weight: float | None = None, height: int | None = None, width: int | None = None,
+                 mode: str | None = None, layout_resize: str | None = None, backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
         """Generate one image (SPEC 2-4). Returns a `Generation` (image, latents, embeddings, timings).
 
         subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
-        subject words. mode: "paper-exact" (SPEC 4) or "fast" (DPM-Solver++ 2M, docs/speed.md).
-        steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 20
-        steps, the first 60% guided). layout_resize: "aligned-corners" (SPEC 3) or "cell-centres"
-        (opt-in, for small latent grids; `SamplingConfig`).
+        subject words. The sampling settings are `SamplingConfig`'s fields; None (the default) means
+        the config's default, written there once (seed 0, paper-exact, the mode's steps, ...), and
+        height/width None the model's resolution.
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
         """
         req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
@@ -404,7 +411,8 @@ class Engine:
             weights=weights,
             guidance_weight=torch.tensor(guidance, dtype=torch.float32, device=self.device),
             cfg_scale=torch.tensor([r.config.cfg_scale for r in requests], dtype=torch.float32, device=self.device),
-            noise=[NoiseStream(r.config.seed, shape, self.device, r.config.mode == "paper-exact") for r in requests],
+            noise=[NoiseStream(r.config.seed, shape, self.device, get_mode(r.config.mode).cpu_noise)
+                   for r in requests],
         )
 
 

@@ -1,8 +1,10 @@
-"""Sampling modes and their defaults: `paper-exact` (SPEC 4 to the letter) and `fast`.
+"""The one table of sampling modes: `paper-exact` (SPEC 4 to the letter) and `fast`.
 
 A mode names a solver, its default step count, the default share of steps that get layout guidance
-and self-recurrence, and where noise comes from. `SamplingConfig` resolves `steps=None` and
-`guidance_steps=None` through here; why the fast defaults are what they are: docs/speed.md.
+and self-recurrence, where noise comes from, its wire name in the gRPC proto and its help line.
+`SamplingConfig` (validation and defaults), the engine's noise, the CLI's `--mode` and the serve
+layer's proto mapping all read this table, so a new mode is one row here plus its solver. Why the
+fast defaults are what they are: docs/speed.md.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Mode:
     the caller gives none, as a percentage of N rounded up (100 = every step, SPEC 3's default).
     cpu_noise: draw noise from a CPU generator seeded like `torch.manual_seed(seed)` in SPEC 4's
     order (reproducible against the reference); otherwise from a per-request generator on the device.
+    proto: the `SamplingMode` enum value's name in cones2.proto. summary: one line for help texts.
     """
 
     name: str
@@ -27,6 +30,8 @@ class Mode:
     default_steps: int
     guidance_percent: int
     cpu_noise: bool
+    proto: str
+    summary: str
 
     def guidance_steps(self, steps: int) -> int:
         """Default G for `steps` steps: ceil(guidance_percent * steps / 100), in integers."""
@@ -34,14 +39,43 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {
-    "paper-exact": Mode("paper-exact", EULER, default_steps=50, guidance_percent=100, cpu_noise=True),
+    "paper-exact": Mode("paper-exact", EULER, default_steps=50, guidance_percent=100, cpu_noise=True,
+                        proto="SAMPLING_MODE_PAPER_EXACT",
+                        summary="SPEC 4's Euler sampler, CPU noise stream, bit-exact against the reference"),
     # 20 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 60% (12 of 20): 32 UNet calls
     # of batch 2 instead of paper-exact's 100. 40% lost layout accuracy with 3 subjects (0.89 vs 0.97):
     # bench/results/quality.md, docs/speed.md.
-    "fast": Mode("fast", DPMPP_2M, default_steps=20, guidance_percent=60, cpu_noise=False),
+    "fast": Mode("fast", DPMPP_2M, default_steps=20, guidance_percent=60, cpu_noise=False,
+                 proto="SAMPLING_MODE_FAST", summary="DPM-Solver++ 2M, noise drawn on the device (docs/speed.md)"),
 }
+DEFAULT_MODE = "paper-exact"
 
 
 def get_mode(name: str) -> Mode:
     """The `Mode` called `name` (KeyError for an unknown one: `SamplingConfig` validates names first)."""
     return MODES[name]
+
+
+def mode_names() -> tuple[str, ...]:
+    """Every valid `mode`, the default first."""
+    return (DEFAULT_MODE, *(n for n in MODES if n != DEFAULT_MODE))
+
+
+def _guided(mode: Mode) -> str:
+    return "all steps" if mode.guidance_percent == 100 else f"the first {mode.guidance_percent}%"
+
+
+def describe() -> str:
+    """The help text of `--mode`: each mode's line and its defaults, from the table."""
+    return "; ".join(f"{m.name}: {m.summary} (default {m.default_steps} steps, {_guided(m)} guided)"
+                     for m in (MODES[n] for n in mode_names()))
+
+
+def steps_help() -> str:
+    """The default of `--steps` in each mode, from the table."""
+    return ", ".join(f"{m.default_steps} in {m.name} mode" for m in (MODES[n] for n in mode_names()))
+
+
+def guidance_steps_help() -> str:
+    """The default of `--guidance-steps` in each mode, from the table."""
+    return ", ".join(f"{_guided(m)} in {m.name} mode" for m in (MODES[n] for n in mode_names()))

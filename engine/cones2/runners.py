@@ -46,6 +46,10 @@ def make_runner(name: str, engine, *, compile: bool = False, **options):
 
             return CompiledUNetRunner(engine.unet, name, engine.device)
         return TorchUNetRunner(engine.unet, name)
+    unknown = sorted(set(options) - {o.name for o in spec.options})
+    if unknown:
+        raise Cones2Error(f"backend {name!r} takes no option {', '.join(unknown)}; it takes "
+                          f"{', '.join(o.name for o in spec.options) or 'none'}", "backend_options")
     missing = [k for k in spec.needs if options.get(k) is None]
     if missing:
         raise Cones2Error(f"backend {name!r} needs {', '.join(missing)}", "backend_options")

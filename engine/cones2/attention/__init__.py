@@ -4,7 +4,9 @@ Importing this package registers the built-in attention backends in `cones2.back
 """
 from ..backends import attention_backend as get_backend
 from . import triton_backend, xformers_backend  # noqa: F401  (register themselves; import nothing heavy)
-from .backends import HARD_MASK, rectification_bias
+from cones2.kernels.reference import HARD_MASK
+
+from .backends import rectification_bias
 from .context import AttentionContext, Rectification
 from .processor import Cones2AttnProcessor
 from .stats import logit_std

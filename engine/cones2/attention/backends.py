@@ -5,18 +5,18 @@ Every backend computes, for q (B, H, N, d) and k, v (B, H, M, d):
   cross(q, k, v, weight, coef, scale)        SPEC 3 rectified attention, weight (B, N, M) float32,
                                              coef (B,) float32; weight <= -1e4 with coef > 0 is a
                                              hard mask (probability exactly 0).
-`reference` is SPEC 3 written literally (materialised fp32 scores); every other backend is tested
-against it. Each backend registers itself in `cones2.backends`; the sampler never branches on names.
+`reference` is SPEC 3 written literally (`cones2.kernels.reference` in fp32, scores materialised);
+every other backend is tested against it. Each backend registers itself in `cones2.backends`; the sampler never branches on names.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..backends import ATTENTION, BackendSpec, register
-from .stats import logit_std
+from cones2.kernels.reference import hard_mask, rectified_attention
 
-HARD_MASK = -1e4
+from ..backends import ATTENTION, BASE_ATTENTION, BackendSpec, register
+from .stats import logit_std
 
 
 class ReferenceBackend:
@@ -29,13 +29,7 @@ class ReferenceBackend:
         return (probs @ v.float()).to(q.dtype)
 
     def cross(self, q, k, v, weight, coef, scale):
-        scores = q.float() @ k.float().transpose(-1, -2)                       # (B, H, N, M)
-        sd = scores.flatten(1).std(dim=1)                                       # (B,)
-        rectified = scores + coef[:, None, None, None] * weight[:, None] * sd[:, None, None, None]
-        logits = rectified * scale
-        hard = (weight[:, None] <= HARD_MASK) & (coef[:, None, None, None] > 0)
-        logits = logits.masked_fill(hard, float("-inf"))
-        return (torch.softmax(logits, dim=-1) @ v.float()).to(q.dtype)
+        return rectified_attention(q, k, v, weight, coef, scale, torch.float32)[0].to(q.dtype)
 
 
 class SdpaBackend:
@@ -60,12 +54,12 @@ def rectification_bias(q, k, weight, coef, scale) -> torch.Tensor:
     sd = logit_std(q, k)
     factor = (coef * sd * scale)[:, None, None]
     bias = factor * weight
-    bias = bias.masked_fill((weight <= HARD_MASK) & (coef[:, None, None] > 0), float("-inf"))
+    bias = bias.masked_fill(hard_mask(weight, coef), float("-inf"))
     return bias[:, None].to(q.dtype)
 
 
 register(BackendSpec("reference", ATTENTION, ReferenceBackend,
-                     "SPEC 3 literally: fp32 scores materialised, torch.std (slow; the yardstick)"))
-register(BackendSpec("sdpa", ATTENTION, SdpaBackend,
+                     "SPEC 3 literally: fp32 scores materialised, torch.std (slow; the yardstick)", traceable=True))
+register(BackendSpec(BASE_ATTENTION, ATTENTION, SdpaBackend,
                      "torch SDPA with the rectification folded into an additive mask, closed-form std",
-                     default_on=("cpu", "cuda", "mps"), priority=10))
+                     default_on=("cpu", "cuda", "mps"), priority=10, traceable=True))

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import BASE_ATTENTION
 from ..backends import attention_backend as get_backend
 from .context import AttentionContext
 
 
 class Cones2AttnProcessor:
-    """Drop-in for diffusers' AttnProcessor2_0 that reads an `attention_context` kwarg."""
+    """Drop-in for diffusers' AttnProcessor2_0 that reads an `attention_context` kwarg; a call
+    without one (a diffusers pipeline sharing the UNet) runs the registry's `BASE_ATTENTION`."""
 
-    def __init__(self, default_backend: str = "sdpa"):
+    def __init__(self, default_backend: str = BASE_ATTENTION):
         self.default_backend = default_backend
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

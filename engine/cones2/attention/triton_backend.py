@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backends import ATTENTION, BackendSpec, missing_package, register
+from ..backends import ATTENTION, BASE_ATTENTION, BackendSpec, missing_package, register
 from ..errors import Cones2Error
 
 
@@ -53,4 +53,4 @@ class TritonBackend:
 
 register(BackendSpec("triton", ATTENTION, TritonBackend,
                      "fused Triton kernel for guided cross-attention, SDPA elsewhere",
-                     unavailable=triton_unavailable, default_on=("cuda",), priority=20))
+                     unavailable=triton_unavailable, default_on=("cuda",), priority=20, fallback=BASE_ATTENTION))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import ATTENTION, BackendSpec, missing_package, register
+from ..backends import ATTENTION, BASE_ATTENTION, BackendSpec, missing_package, register
 from .backends import rectification_bias
 
 BIAS_ALIGN = 8
@@ -60,4 +60,4 @@ class XformersBackend:
 
 register(BackendSpec("xformers", ATTENTION, XformersBackend,
                      "xformers memory-efficient attention, rectification as its additive bias (CUDA)",
-                     unavailable=xformers_unavailable))
+                     unavailable=xformers_unavailable, fallback=BASE_ATTENTION))

@@ -16,9 +16,10 @@ from ..atomic import atomic_write
 from ..config import SamplingConfig
 from ..errors import Cones2Error
 from ..limits import positions as check_positions
+from ..modes import DEFAULT_MODE, guidance_steps_help, steps_help
 from ..outputs import output_file
 from ..threads import configure_threads
-from .common import add_model_flags, add_threads_flag, check_model_flags, key_value, load_engine, numbers
+from .common import add_mode_flag, add_model_flags, add_threads_flag, escape, check_model_flags, key_value, load_engine, numbers
 
 if TYPE_CHECKING:
     from ..engine import GenerationRequest
@@ -43,17 +44,16 @@ def register(sub) -> None:
     p.add_argument("--strength", action="append", default=[], metavar="NAME=W",
                    help="layout strength w+ for a subject, in [0, 1e4] (default 2.5)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--steps", type=int, default=None, help="default: 50 in paper-exact mode, 20 in fast mode; at most 1000")
+    p.add_argument("--steps", type=int, default=None, help=escape(f"default: {steps_help()}; at most 1000"))
     p.add_argument("--guidance-steps", type=int, default=None,
-                   help="default: all steps in paper-exact mode, the first 60%% in fast mode")
+                   help=escape(f"default: {guidance_steps_help()}"))
     p.add_argument("--guidance-weight", type=float, default=None, help="in [0, 10], default 0.08")
     p.add_argument("--cfg", type=float, default=None, help="in [0, 100], default 7.5")
     p.add_argument("--negative-weight", type=float, default=None, help="in [-1e9, 0], default -1e8")
     p.add_argument("--resolution", type=int, help="square output size (multiple of 64)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--mode", choices=["paper-exact", "fast"], default="paper-exact",
-                   help="paper-exact: SPEC 4's Euler sampler; fast: DPM-Solver++ 2M (docs/speed.md)")
+    add_mode_flag(p, default=DEFAULT_MODE)
     p.add_argument("--layout-resize", choices=limits.LAYOUT_RESIZES, default=limits.LAYOUT_RESIZES[0],
                    help="how the layout reaches each attention level: aligned-corners (SPEC 3) or cell-centres "
                         "(for subjects a few latent cells wide; docs/layout.md)")

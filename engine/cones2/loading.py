@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import Cones2Error
@@ -133,3 +134,32 @@ def model_id(root: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return f"{root.name}@{h.hexdigest()[:12]}"
+
+
+FINGERPRINT_VERSION = "signs1"
+
+
+@torch.no_grad()
+def model_fingerprint(text_encoder: torch.nn.Module, unet: torch.nn.Module) -> str:
+    """What a residual was trained on, identified from the weights: sha256 over the names, shapes and
+    sign bits of the text encoder's token and position embeddings, its last layer and final norm, and
+    every UNet cross-attention key/value projection (the weights that read text).
+
+    Sign bits survive fp32 -> fp16/bf16 casts exactly, so the same checkpoint loaded in any dtype
+    gives the same fingerprint; a fine-tune moves some weights across zero and gets another one.
+    (D alone cannot tell SD 1.5 from its fine-tunes: they all have D = 768.)"""
+    text_state = text_encoder.state_dict()
+    layers = sorted({int(k.split(".")[3]) for k in text_state if ".encoder.layers." in k} or {0})
+    last = f".encoder.layers.{layers[-1]}."
+
+    def wanted(name: str) -> bool:
+        return ("embeddings" in name and name.endswith(".weight")) or last in name or "final_layer_norm" in name
+
+    parts = [(f"text.{k}", v) for k, v in sorted(text_state.items()) if wanted(k) and v.is_floating_point()]
+    parts += [(f"unet.{k}", v) for k, v in sorted(unet.state_dict().items())
+              if ".attn2.to_k." in k or ".attn2.to_v." in k]
+    h = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    for name, tensor in parts:
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(np.packbits(torch.signbit(tensor).cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]

@@ -162,6 +162,7 @@ class Engine:
         self._tokenizer_lock = threading.RLock()
         self.compile = compile
         self._fingerprint: str | None = None
+        self._warned: set[tuple[str, str]] = set()   # (subject, residual sha256) already warned about
         self.load_timings: dict[str, float] = {}   # from_pretrained: seconds loading weights, starting the backend
         if backend is not None:
             self.default_backend, self.backend_reason = select_backend(device, backend)
@@ -288,7 +289,7 @@ class Engine:
         An explicit guidance_steps above the steps is an error (a config file's is clamped instead)."""
         size = self.default_resolution
         config = SamplingConfig(height=height or size, width=width or size, **settings)
-        check_guidance_steps(settings.get("guidance_steps"), config.steps)
+        limits.guidance_steps_within(settings.get("guidance_steps"), config.steps)
         if subjects is not None and not isinstance(subjects, Mapping):
             raise Cones2Error(f"must map subject word -> cones2.Residual, got {type(subjects).__name__}", "subjects")
         return GenerationRequest(prompt, dict(subjects or {}), layout, config, subject_positions, negative_prompt,
@@ -343,7 +344,8 @@ class Engine:
             raise Cones2Error(f"residual was trained on model {recorded} ({residual.base_model or 'unnamed'}), not "
                               f"this one ({self.fingerprint}); pass --allow-foreign-residual "
                               "(allow_foreign_residuals=True) to use it anyway", f"subjects.{name}")
-        if residual.word and residual.word.lower() != name.lower():
+        if residual.word and residual.word.lower() != name.lower() and (name, residual.sha256) not in self._warned:
+            self._warned.add((name, residual.sha256))
             log.warning("subjects.%s: the residual was trained for the word %r, used here for %r",
                         name, residual.word, name)
 
@@ -473,12 +475,6 @@ class Engine:
             cfg_scale=torch.tensor([r.config.cfg_scale for r in requests], dtype=torch.float32, device=self.device),
             noise=[NoiseStream(r.config.seed, shape, self.device, r.config.mode == "paper-exact") for r in requests],
         )
-
-
-def check_guidance_steps(guidance_steps, steps: int) -> None:
-    """An explicit guidance_steps above the steps would be silently cut: refuse it."""
-    if isinstance(guidance_steps, (int, float)) and not isinstance(guidance_steps, bool) and guidance_steps > steps:
-        raise Cones2Error(f"is {guidance_steps:g} but there are only {steps} steps", "guidance_steps")
 
 
 class _Clock:

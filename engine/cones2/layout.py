@@ -112,7 +112,7 @@ class Layout:
                 one = cls.from_boxes({name: entry["pixel_box"]}, strength, units="pixels")
             elif "mask_png" in entry:
                 mask = _mask_from_text(entry["mask_png"], where)
-                if entry.get("mask_sha256") not in (None, mask_sha256(torch.from_numpy(mask))):
+                if entry.get("mask_sha256") not in (None, mask_sha256(mask)):
                     raise Cones2Error("mask does not match its recorded sha256", where)
                 one = cls.from_masks({name: mask}, strength)
             else:
@@ -308,7 +308,7 @@ def _check_count(count: int) -> None:
         raise Cones2Error(f"{count} subjects; at most {limits.MAX_SUBJECTS} per image", "layout")
 
 
-def mask_sha256(mask: torch.Tensor) -> str:
+def mask_sha256(mask) -> str:
     """sha256 of a bool mask's shape and packed bits (identifies a mask or colour-map region)."""
     arr = np.asarray(mask, dtype=bool)
     return hashlib.sha256(str(arr.shape).encode() + np.packbits(arr).tobytes()).hexdigest()

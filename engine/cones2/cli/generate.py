@@ -237,11 +237,9 @@ def _sides(args) -> tuple[int | None, int | None]:
 def _config(sides, mode: str, settings: dict) -> SamplingConfig:
     """The sampling settings (a placeholder side where the model decides); an explicit guidance_steps
     above the steps is an error, not a silent cut."""
-    from ..engine import check_guidance_steps
-
     config = SamplingConfig(height=PLACEHOLDER_SIDE if sides[0] is None else sides[0],
                             width=PLACEHOLDER_SIDE if sides[1] is None else sides[1], mode=mode, **settings)
-    check_guidance_steps(settings.get("guidance_steps"), config.steps)
+    limits.guidance_steps_within(settings.get("guidance_steps"), config.steps)
     return config
 
 

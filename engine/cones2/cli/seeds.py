@@ -16,15 +16,19 @@ def parse_seeds(text: str) -> list[int]:
     for part in str(text).split(","):
         low, sep, high = part.strip().partition("-")
         try:
-            first = int(low)
-            last = int(high) if sep else first
+            if not low.strip():          # "-5": one (negative) seed, refused by its bounds below
+                first = last = int(part)
+            else:
+                first = int(low)
+                last = int(high) if sep else first
         except ValueError:
             raise Cones2Error(f"expected seeds such as 7, 1,2,3 or 10-13, got {quote(text)}", "--seed") from None
         if last < first:
             raise Cones2Error(f"range {part.strip()} runs backwards", "--seed")
         if len(seeds) + last - first + 1 > MAX_IMAGES:
             raise Cones2Error(f"more than {MAX_IMAGES} seeds", "--seed")
-        seeds.extend(limits.integer(s, "--seed", 0, MAX_SEED) for s in range(first, last + 1))
+        limits.integer(first, "seed", 0, MAX_SEED)
+        seeds.extend(limits.integer(s, "seed", 0, MAX_SEED) for s in range(first, last + 1))
     if len(set(seeds)) != len(seeds):
         raise Cones2Error(f"repeats a seed in {quote(text)}", "--seed")
     return seeds

@@ -194,8 +194,11 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "fp32", backend: str | None = None,
-                        backend_options: dict | None = None, compile: bool = False) -> "Engine":
-        """Load a diffusers-layout SD checkpoint (local dir or hub id); None = the embedded default model.
+                        backend_options: dict | None = None, compile: bool = False,
+                        model_config: str | os.PathLike | None = None) -> "Engine":
+        """Load a diffusers-layout SD checkpoint (local dir or hub id) or a single-file one
+        (`.safetensors`/`.ckpt`, original layout; `model_config`: a diffusers folder describing it when it
+        is not SD 1.x/2.x); None = the embedded default model.
         compile: torch.compile the UNet call (opt-in; `cones2.compiled`, docs/speed.md)."""
         from .default_model import default_model_dir
 
@@ -204,7 +207,8 @@ class Engine:
         if backend is not None:
             select_backend(dev, backend)  # an unusable backend fails before the checkpoint loads
         start = time.perf_counter()
-        components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt)
+        components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt,
+                                     model_config)
         loaded = time.perf_counter()
         engine = cls(components, dev, dt, backend, backend_options, compile)
         engine.load_timings = {"load": loaded - start, "backend": time.perf_counter() - loaded}

@@ -37,6 +37,9 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an image", description=__doc__)
     add_model_flags(p)
     add_threads_flag(p)
+    p.add_argument("--model-config", metavar="DIR",
+                   help="for a single-file --model that is not SD 1.x/2.x: a diffusers folder whose configs describe "
+                        "it (default: the shipped SD 1.x/2.x configs, told apart by the text encoder's keys)")
     src = p.add_argument_group("inputs")
     src.add_argument("--config", help="reference-implementation inference config (JSON); flags override it")
     src.add_argument("--from-png", metavar="IMG", help="re-run an image this engine made, from its metadata "
@@ -112,6 +115,8 @@ def run(args) -> int:
     plan = _plan(args)                       # every flag and user file
     outputs = _outputs(args, plan)           # where it writes: checked before any work, nothing written yet
     model_flags = check_model_flags(args)    # device, dtype, backend: all before the model loads
+    if args.model_config:
+        model_flags["model_config"] = args.model_config
     if args.dry_run and model_flags["backend"] is None:
         model_flags["backend"] = "reference"     # builds no runner: a dry run never exports
     if args.model is None and plan.recorded is not None and plan.recorded.model_source:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def cli(*args: str, program: str = "cones2-engine", env: dict | None = None) -> subprocess.CompletedProcess:
     """The command's exit code, stdout and stderr (text). The suite's environment is kept (tiny default
-    model, isolated cache, CONES2_BACKEND=sdpa) unless `env` changes it."""
+    model, isolated cache, CONES2_BACKEND=sdpa) unless `env` changes it (a None value removes a variable)."""
     exe = str(Path(sys.executable).parent / program)
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=600)
+    merged = {**os.environ, **(env or {})}
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in merged.items() if v is not None})

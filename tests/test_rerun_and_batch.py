@@ -122,9 +122,10 @@ def test_color_map_flags_and_dry_run(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "c.png"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a dog", "--color-map",
                  str(tmp_path / "map.png"), "--color", "255,0,0=dog:3", "--resolution", "64", "--dry-run",
-                 "--out", str(out), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "nothing generated (--dry-run)" in printed and not out.exists()
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "nothing generated (--dry-run)" in printed.out and not out.exists()
+    assert "loading: " in printed.err          # the elapsed-time bar while the model loads
     preview = np.asarray(Image.open(tmp_path / "c.preview.png").convert("RGB")).astype(int)
     left, right = preview[preview.shape[0] // 2, 10], preview[preview.shape[0] // 2, -40]
     assert list(left) == [128, 128, 128] and list(right) != [128, 128, 128]   # tinted where the grid sees "dog"

@@ -53,7 +53,7 @@ def test_an_image_re_runs_pixel_identically_from_its_png(tmp_path, tiny_model_di
     missing = cli("generate", "--from-png", first, "--out", again, "--no-progress")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "from-png.residuals.dog: residual dog.safetensors with sha256" in missing.stderr
-    assert main(["generate", "--from-png", str(first), "--residual-dir", str(tmp_path / "res"), "--backend", "sdpa",
+    assert main(["generate", "--from-png", str(first), "--residual-dir", str(tmp_path / "res"),
                  "--out", str(again), "--no-progress"]) == 0
     meta2, _, pixels2 = _meta(again)
     assert np.array_equal(pixels, pixels2)

@@ -31,6 +31,7 @@ class RecordedInputs:
     model_fingerprint: str | None = None
     model_name: str | None = None
     allow_foreign_residuals: bool = False
+    backend: str | None = None
 
 
 def read_recorded(png: str | Path, residual_dirs: list[str]) -> RecordedInputs:
@@ -51,7 +52,18 @@ def read_recorded(png: str | Path, residual_dirs: list[str]) -> RecordedInputs:
         positions=params.get("subject_positions") or None, layout=layout, settings=settings,
         sides=(params.get("height"), params.get("width")), mode=params.get("mode"), model_source=model_source,
         model_fingerprint=params.get("model_fingerprint") or None, model_name=params.get("model") or None,
-        allow_foreign_residuals=bool(params.get("allow_foreign_residuals")))
+        allow_foreign_residuals=bool(params.get("allow_foreign_residuals")), backend=params.get("backend") or None)
+
+
+def recorded_backend(recorded: RecordedInputs, device: str) -> str | None:
+    """The backend that made the image, when it can run here (the same backend gives the same pixels)."""
+    from ..backends import backend_names, get_spec, why_unavailable
+    from ..loading import parse_device
+
+    name = recorded.backend        # one that needs a folder of its own (tensorrt) is left to the flags
+    if name in backend_names() and not get_spec(name).needs and why_unavailable(name, parse_device(device)) is None:
+        return name
+    return None
 
 
 def check_same_model(recorded: RecordedInputs, engine) -> None:

@@ -114,6 +114,10 @@ def run(args) -> int:
     configure_threads(args.threads)
     plan = _plan(args)                       # every flag and user file
     outputs = _outputs(args, plan)           # where it writes: checked before any work, nothing written yet
+    if plan.recorded is not None and args.backend is None and args.onnx is None and args.trt is None:
+        from .from_png import recorded_backend
+
+        args.backend = recorded_backend(plan.recorded, args.device)   # what made the image, if it runs here
     model_flags = check_model_flags(args)    # device, dtype, backend: all before the model loads
     if args.model_config:
         model_flags["model_config"] = args.model_config

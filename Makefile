@@ -46,7 +46,7 @@ demo: setup
 		--subject heart=$(DEMO_RESIDUALS)/twotone_heart.safetensors \
 		--subject triangle=$(DEMO_RESIDUALS)/twotone_triangle.safetensors \
 		--box heart=0.05,0.05,0.45,0.45 --box star=0.55,0.05,0.95,0.45 --box triangle=0.3,0.55,0.7,0.95 \
-		--steps 30 --guidance-steps 15 --seed 0 --out out/demo.png --preview --no-progress
+		--steps 30 --guidance-steps 15 --seed 0 --out out/demo.png --preview
 
 # The CI suite (CPU; Triton kernels run under the interpreter).
 test: setup

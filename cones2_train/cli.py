@@ -18,6 +18,11 @@ from .config import TrainConfig
 
 PROG = "cones2-train"
 
+# Recipes for --steps, --lr and --train-prompt (docs/training.md). `sd` is SPEC 1's reference recipe;
+# `demo` is what moves a word on the small embedded demo model (the shipped residuals were made so).
+PRESETS = {"sd": {"steps": 4000, "lr": 5e-6, "train_prompt": "{}"},
+           "demo": {"steps": 600, "lr": 3e-4, "train_prompt": "a {}"}}
+
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the None / False ones (their help says what happens)."""
@@ -35,8 +40,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images of the subject")
     p.add_argument("--word", required=True, help="the subject's base word, e.g. dog (may be several tokens)")
     p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (constant)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="recipe for --steps, --lr and --train-prompt: sd (SPEC 1: 4000 steps, lr 5e-6, the bare "
+                        "word) or demo (600 steps, lr 3e-4, 'a {}'); default: demo on the embedded demo model, "
+                        "sd otherwise; explicit flags override it")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: the preset's)")
     p.add_argument("--resolution", type=int, default=None,
                    help="square training size in px (default: the model's own, 768 for SD 2.1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per step")
@@ -51,9 +60,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the measured rule of cones2.threads)")
     p.add_argument("--templates", default=None, help="caption templates file, one caption with one {} per line")
-    p.add_argument("--train-prompt", default="{}",
-                   help="caption the denoising loss conditions on, one {} for the word (default {}: the bare "
-                        "word, SPEC 1.2; e.g. 'a {}' for small models, docs/training.md)")
+    p.add_argument("--train-prompt", default=None,
+                   help="caption the denoising loss conditions on, one {} for the word (default: the preset's; "
+                        "sd: {}, the bare word of SPEC 1.2; demo: 'a {}', docs/training.md)")
     p.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT without suffix + .ckpt)")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="periodic checkpoints to keep")
@@ -71,12 +80,38 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(PROG, lambda: run(args))
 
 
+def on_demo_model(model: str | None) -> bool:
+    """Whether `model` (None: the default) is the embedded demo model shipped in the package."""
+    from pathlib import Path
+
+    from cones2.default_model import default_model_dir, shipped_demo_model
+
+    shipped = shipped_demo_model()
+    path = default_model_dir() if model is None else Path(model)
+    return shipped is not None and path.exists() and path.resolve() == shipped.resolve()
+
+
+def apply_preset(args) -> str:
+    """Fill --steps, --lr and --train-prompt left unset from the preset (chosen or defaulted); returns
+    its name. On the demo model the SD recipe barely moves a word: the demo preset is the default there."""
+    name = args.preset or ("demo" if on_demo_model(args.model) else "sd")
+    for key, value in PRESETS[name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return name
+
+
 def run(args) -> int:
-    configure_threads(args.threads)
     out = output_file(args.out, "out", (".safetensors",))
     checkpoint_dir = output_folder(args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt", "checkpoint_dir")
     if args.save_encoder:
         output_folder(args.save_encoder, "save_encoder")
+    preset = apply_preset(args)
+    if args.preset is None and preset == "demo":
+        print(f"training on the embedded demo model: the demo preset (--steps {args.steps} --lr {args.lr:g} "
+              f"--train-prompt {args.train_prompt!r} unless given; --preset sd for SPEC 1's recipe; docs/training.md)",
+              flush=True)
+    configure_threads(args.threads)
     config = TrainConfig(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution,
         reg_first=args.reg_first, reg_rest=args.reg_rest, grad_clip=args.grad_clip, weight_decay=args.weight_decay,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import cones2
 from cones2 import Cones2Error, Residual
-from cones2.loading import Components, load_components, parse_device
+from cones2.loading import Components, load_components, model_fingerprint, parse_device
 from cones2.tokens import SEQ_LEN, prompt_token_ids, word_token_ids
 
 from .checkpoint import CheckpointState, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -235,6 +235,7 @@ class Trainer:
             "images": self.num_images, "images_sha256": self.images_sha256, "templates": len(self.templates),
             "templates_sha256": hashlib.sha256("\n".join(self.templates).encode()).hexdigest(),
             "base_model_path": cfg.source, "text_encoder_sha256": _state_dict_sha256(self.frozen),
+            "base_fingerprint": model_fingerprint(self.frozen, cfg.unet),   # checked by the engine at use
         }
         return Residual(emb, word=self.word, token_ids=self.word_ids, base_model=cfg.model_id, metadata=meta)
 

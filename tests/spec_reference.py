@@ -95,8 +95,10 @@ def encode_prompt(text_encoder, tokenizer, text: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compose_embeddings(text_encoder, tokenizer, prompt: str, residuals: dict, positions: dict | None):
-    """SPEC 2: C = E(P) with each subject's residual added at its token positions; U = E("").
+def compose_embeddings(text_encoder, tokenizer, prompt: str, residuals: dict, positions: dict | None,
+                       negative_prompt: str = ""):
+    """SPEC 2: C = E(P) with each subject's residual added at its token positions; U = E("") (or
+    E(negative_prompt): a negative prompt replaces the empty one in the unconditional branch).
 
     - Default positions: at every occurrence of the word's token sequence, residual row r is
       added at (occurrence start + r). A residual with fewer rows than the word has tokens is
@@ -105,7 +107,7 @@ def compose_embeddings(text_encoder, tokenizer, prompt: str, residuals: dict, po
       positions; residual rows are added at p, p+1, ..., p+k_r-1 for every given p.
     """
     C = encode_prompt(text_encoder, tokenizer, prompt).clone()
-    U = encode_prompt(text_encoder, tokenizer, "")
+    U = encode_prompt(text_encoder, tokenizer, negative_prompt)
     for word, R in residuals.items():
         R = torch.as_tensor(R).to(device=C.device, dtype=torch.float32)
         if R.ndim == 1:
@@ -323,12 +325,12 @@ def reference_generate(*, unet, vae, text_encoder, tokenizer, prediction_type: s
                        seed: int, steps: int, guidance_steps: int, guidance_weight: float,
                        cfg_scale: float, negative_weight: float, height: int, width: int,
                        beta_start: float, beta_end: float, beta_schedule: str,
-                       num_train_timesteps: int) -> dict:
+                       num_train_timesteps: int, negative_prompt: str = "") -> dict:
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     device = unet.device
 
-    C, U = compose_embeddings(text_encoder, tokenizer, prompt, residuals, positions)
+    C, U = compose_embeddings(text_encoder, tokenizer, prompt, residuals, positions, negative_prompt)
     C, U = C.to(device), U.to(device)
 
     timesteps, sigmas = euler_sigmas(steps, beta_start, beta_end, beta_schedule, num_train_timesteps)

@@ -6,6 +6,7 @@ compatible requests through one sampling loop (cross-request batching for the se
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -42,19 +43,36 @@ log = logging.getLogger("cones2.engine")
 class GenerationRequest:
     """One validated request. subjects: word in the prompt -> Residual. subject_positions: optional
     explicit token positions per subject (where its residual rows start; the reference's
-    `subject_list`). layout: where subjects go, or None for no layout guidance."""
+    `subject_list`). layout: where subjects go, or None for no layout guidance. config: None = the
+    model's defaults (its training resolution), filled in by the engine the same way in `check` and
+    `generate_batch`. negative_prompt: what the unconditional branch encodes ("" = SPEC 2's U = E("")).
+    allow_foreign_residuals: accept residuals whose recorded base-model fingerprint is another model's."""
 
     prompt: str
     subjects: Mapping[str, Residual] = field(default_factory=dict)
     layout: Layout | None = None
-    config: SamplingConfig = field(default_factory=SamplingConfig)
+    config: SamplingConfig | None = None
     subject_positions: Mapping[str, list[int]] | None = None
+    negative_prompt: str = ""
+    allow_foreign_residuals: bool = False
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise Cones2Error("must be a non-empty string", "prompt")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise Cones2Error(f"is longer than {MAX_PROMPT_CHARS} characters", "prompt")
+        if not isinstance(self.negative_prompt, str):
+            raise Cones2Error(f"must be a string, got {type(self.negative_prompt).__name__}", "negative_prompt")
+        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise Cones2Error(f"is longer than {MAX_PROMPT_CHARS} characters", "negative_prompt")
+        if self.layout is not None and not isinstance(self.layout, Layout):
+            raise Cones2Error(f"must be a cones2.Layout (Layout.from_boxes, from_masks or from_color_map), got "
+                              f"{type(self.layout).__name__}", "layout")
+        if self.config is not None and not isinstance(self.config, SamplingConfig):
+            raise Cones2Error(f"must be a cones2.SamplingConfig, got {type(self.config).__name__}", "config")
+        if not isinstance(self.subjects, Mapping):
+            raise Cones2Error(f"must map subject word -> cones2.Residual, got {type(self.subjects).__name__}",
+                              "subjects")
         names = set(self.subjects) | set(self.layout.names if self.layout else ())
         if len(names) > MAX_SUBJECTS:
             raise Cones2Error(f"{len(names)} subjects; at most {MAX_SUBJECTS} per image", "subjects")
@@ -69,8 +87,8 @@ class GenerationRequest:
             limits.positions(self.subject_positions[name], f"subject_positions.{name}")
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one sampling loop."""
-        c = self.config
+        """Requests with equal keys can share one sampling loop (config filled in: `Engine.resolve`)."""
+        c = self.config or SamplingConfig()
         return (c.height, c.width, c.steps, c.guidance_steps, c.mode)
 
 
@@ -92,18 +110,19 @@ class Generation:
     def seed(self) -> int:
         return self.request.config.seed
 
+    model_fingerprint: str = ""
+    model_source: str = ""
+
     def parameters(self) -> dict:
-        """What produced this image, for PNG metadata and logs."""
-        c = self.request.config
-        return {"prompt": self.request.prompt, "seed": c.seed, "steps": c.steps, "guidance_steps": c.guidance_steps,
-                "guidance_weight": c.guidance_weight, "cfg_scale": c.cfg_scale, "negative_weight": c.negative_weight,
-                "height": c.height, "width": c.width, "mode": c.mode, "layout_resize": c.layout_resize,
-                "subjects": {t.name: list(t.residual_starts) for t in self.subject_tokens if t.name in self.request.subjects},
-                "layout": repr(self.request.layout) if self.request.layout else None,
-                "model": self.model_id, "backend": self.backend}
+        """Everything that produced this image, for PNG metadata and logs (`cones2.provenance`):
+        enough to re-run it (`cones2-engine generate --from-png`)."""
+        from .provenance import describe_generation
+
+        return describe_generation(self)
 
     def png(self) -> bytes:
-        """The image as PNG bytes carrying `parameters()` in its text metadata (CLI and service)."""
+        """The image as PNG bytes carrying `parameters()` in its text metadata (the `cones2` JSON
+        chunk, and A1111-style `parameters` text for other tools)."""
         buf = io.BytesIO()
         self.image.save(buf, format="PNG", pnginfo=png_info(self.parameters()))
         return buf.getvalue()
@@ -144,6 +163,9 @@ class Engine:
         # Every tokenizer call in the engine (and so in the service) goes through this one lock.
         self._tokenizer_lock = threading.RLock()
         self.compile = compile
+        self._fingerprint: str | None = None
+        self._warned: set[tuple[str, str]] = set()   # (subject, residual sha256) already warned about
+        self.load_timings: dict[str, float] = {}   # from_pretrained: seconds loading weights, starting the backend
         if backend is not None:
             self.default_backend, self.backend_reason = select_backend(device, backend)
             self._runners[backend] = make_runner(backend, self, compile=compile, **(backend_options or {}))
@@ -177,8 +199,11 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, backend: str | None = None,
-                        backend_options: dict | None = None, compile: bool = False) -> "Engine":
-        """Load a diffusers-layout SD checkpoint (local dir or hub id); None = the embedded default model.
+                        backend_options: dict | None = None, compile: bool = False,
+                        model_config: str | os.PathLike | None = None) -> "Engine":
+        """Load a diffusers-layout SD checkpoint (local dir or hub id) or a single-file one
+        (`.safetensors`/`.ckpt`, original layout; `model_config`: a diffusers folder describing it when it
+        is not SD 1.x/2.x); None = the embedded default model.
         dtype None = `cones2.precision.default_dtype(device)` (fp16 on CUDA, fp32 elsewhere).
         compile: torch.compile the UNet call (opt-in; `cones2.compiled`, docs/speed.md)."""
         from .default_model import default_model_dir
@@ -187,8 +212,13 @@ class Engine:
         dt = parse_dtype(default_dtype(dev) if dtype is None else dtype, dev)
         if backend is not None:
             select_backend(dev, backend)  # an unusable backend fails before the checkpoint loads
-        components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt)
-        return cls(components, dev, dt, backend, backend_options, compile)
+        start = time.perf_counter()
+        components = load_components(path_or_hub_id if path_or_hub_id is not None else default_model_dir(), dev, dt,
+                                     model_config)
+        loaded = time.perf_counter()
+        engine = cls(components, dev, dt, backend, backend_options, compile)
+        engine.load_timings = {"load": loaded - start, "backend": time.perf_counter() - loaded}
+        return engine
 
     @classmethod
     def from_pipeline(cls, pipe, *, backend: str | None = None, backend_options: dict | None = None,
@@ -225,6 +255,16 @@ class Engine:
         return self.text_encoder.config.hidden_size
 
     @property
+    def fingerprint(self) -> str:
+        """The weights' fingerprint (`cones2.loading.model_fingerprint`; computed once): what residuals
+        record as their base model, and what each image records."""
+        if self._fingerprint is None:
+            from .loading import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self.text_encoder, self.unet)
+        return self._fingerprint
+
+    @property
     def prediction_type(self) -> str:
         return self.components.scheduler_config.get("prediction_type", "epsilon")
 
@@ -253,13 +293,29 @@ class Engine:
     # ---- the pipeline ---------------------------------------------------------------------------
     def request(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
                 subject_positions: Mapping[str, list[int]] | None = None, height: int | None = None,
-                width: int | None = None, **settings) -> GenerationRequest:
+                width: int | None = None, negative_prompt: str = "", allow_foreign_residuals: bool = False,
+                **settings) -> GenerationRequest:
         """Build a validated request; `settings` are SamplingConfig fields (steps, seed, ...), a None
-        one meaning the config's default; height/width None = the model's resolution."""
+        one meaning the config's default; height/width None = the model's resolution. An explicit
+        guidance_steps above the steps is an error (a config file's is clamped instead)."""
         size = self.default_resolution
         given = {k: v for k, v in settings.items() if v is not None}
         config = SamplingConfig(height=height or size, width=width or size, **given)
-        return GenerationRequest(prompt, dict(subjects or {}), layout, config, subject_positions)
+        limits.guidance_steps_within(given.get("guidance_steps"), config.steps)
+        if subjects is not None and not isinstance(subjects, Mapping):
+            raise Cones2Error(f"must map subject word -> cones2.Residual, got {type(subjects).__name__}", "subjects")
+        return GenerationRequest(prompt, dict(subjects or {}), layout, config, subject_positions, negative_prompt,
+                                 allow_foreign_residuals)
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with its config filled in from this model's defaults when it has none: `check` and
+        `generate_batch` both judge a request through this, so they agree on its size."""
+        if not isinstance(request, GenerationRequest):
+            raise Cones2Error(f"must be a GenerationRequest, got {type(request).__name__}", "request")
+        if request.config is not None:
+            return request
+        size = self.default_resolution
+        return dataclasses.replace(request, config=SamplingConfig(height=size, width=size))
 
     def check(self, request: GenerationRequest) -> list[SubjectTokens]:
         """Validate `request` against this model: residual widths, every subject and layout word in
@@ -267,8 +323,7 @@ class Engine:
         region still visible at the request's size. Raises `Cones2Error` naming the field; returns
         each subject's token positions. `generate` makes the same checks; a service calls this before
         queueing, so a bad request never joins a batch."""
-        if not isinstance(request, GenerationRequest):
-            raise Cones2Error(f"must be a GenerationRequest, got {type(request).__name__}", "request")
+        request = self.resolve(request)
         tokens = self._locate_subjects(request)
         if request.layout is not None:
             request.layout.masks(request.config.height, request.config.width)  # a vanished region is an error
@@ -282,6 +337,7 @@ class Engine:
             tokens: dict[str, SubjectTokens] = {}
             for name, residual in request.subjects.items():
                 residual.check_dim(self.text_dim, f"subjects.{name}")
+                self._check_base_model(name, residual, request.allow_foreign_residuals)
                 t = locate_subject(self.tokenizer, ids, name, explicit.get(name), prompt=request.prompt)
                 if name not in explicit and residual.rows > len(t.token_ids):
                     raise Cones2Error(f"residual has {residual.rows} rows but {name!r} has {len(t.token_ids)} "
@@ -292,11 +348,25 @@ class Engine:
                     tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout", prompt=request.prompt)
         return tokens
 
+    def _check_base_model(self, name: str, residual: Residual, allow_foreign: bool) -> None:
+        """A residual recorded as trained on other weights is refused (unless allowed); one whose
+        recorded word is not the subject word it is given for gets a warning."""
+        recorded = residual.base_fingerprint
+        if recorded and recorded != self.fingerprint and not allow_foreign:
+            raise Cones2Error(f"residual was trained on model {recorded} ({residual.base_model or 'unnamed'}), not "
+                              f"this one ({self.fingerprint}); pass --allow-foreign-residual "
+                              "(allow_foreign_residuals=True) to use it anyway", f"subjects.{name}")
+        if residual.word and residual.word.lower() != name.lower() and (name, residual.sha256) not in self._warned:
+            self._warned.add((name, residual.sha256))
+            log.warning("subjects.%s: the residual was trained for the word %r, used here for %r",
+                        name, residual.word, name)
+
     def generate(self, prompt: str, subjects: Mapping[str, Residual] | None = None, layout: Layout | None = None, *,
-                 seed: int | None = None, steps: int | None = None, guidance_steps: int | None = None,
-                 guidance_weight: float | None = None, cfg_scale: float | None = None,
-                 negative_weight: float | None = None, height: int | None = None, width: int | None = None,
-                 mode: str | None = None, layout_resize: str | None = None, backend: str | None = None,
+                 negative_prompt: str = "", seed: int | None = None, steps: int | None = None,
+                 guidance_steps: int | None = None, guidance_weight: float | None = None,
+                 cfg_scale: float | None = None, negative_weight: float | None = None, height: int | None = None,
+                 width: int | None = None, mode: str | None = None, layout_resize: str | None = None,
+                 backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
@@ -307,8 +377,10 @@ class Engine:
         the config's default, written there once (seed 0, paper-exact, the mode's steps, ...), and
         height/width None the model's resolution.
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
+        negative_prompt: what the unconditional branch encodes ("" = SPEC 2's U = E(""), bit for bit).
         """
         req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
+                           negative_prompt=negative_prompt,
                            seed=seed, steps=steps, guidance_steps=guidance_steps, guidance_weight=guidance_weight,
                            cfg_scale=cfg_scale, negative_weight=negative_weight, mode=mode,
                            layout_resize=layout_resize)
@@ -322,6 +394,7 @@ class Engine:
         each result equals what `generate` gives for that request alone (per-sample std and noise)."""
         if not requests:
             return []
+        requests = [self.resolve(r) for r in requests]
         if len({r.batch_key() for r in requests}) != 1:
             raise Cones2Error("requests in one batch must share height, width, steps, guidance_steps and mode",
                               "requests")
@@ -347,7 +420,8 @@ class Engine:
         timings["total"] = sum(timings.values())
         backend_name = backend or self.default_backend
         return [Generation(Image.fromarray(pixels[i]), latents[i : i + 1].cpu(), p.cond[None].float().cpu(), r,
-                           dict(timings), p.tokens, self.components.model_id, backend_name)
+                           dict(timings), p.tokens, self.components.model_id, backend_name, self.fingerprint,
+                           self.components.source)
                 for i, (r, p) in enumerate(zip(requests, prepared))]
 
     def warmup(self, resolutions: list[int | tuple[int, int]] | None = None, batch_sizes: list[int] = (1,), *,
@@ -385,7 +459,7 @@ class Engine:
         """Embeddings with residuals composed in, and the per-level weight maps, for one request."""
         tokens = self._locate_subjects(req)   # `check` without the region raster: weight_maps does that
         with self._tokenizer_lock:
-            cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, ""],
+            cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, req.negative_prompt],
                                           getattr(runner, "encode_ids", None))
         cond = add_residuals(cond, [(tokens[n], r) for n, r in req.subjects.items()])
         weights = None

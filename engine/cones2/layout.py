@@ -9,6 +9,9 @@ W[pixel, token] for every attention resolution, exactly as the SPEC says: each s
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from . import limits
 from .errors import Cones2Error, quote
 from .limits import LAYOUT_RESIZES
+from .names import did_you_mean
 
 DEFAULT_STRENGTH = 2.5
 
@@ -63,13 +67,58 @@ class Layout:
     at most 4096, at most 64 colour-table entries.
     """
 
-    def __init__(self, regions: Mapping[str, Region]):
+    def __init__(self, regions: Mapping[str, Region], color_map_sha256: str | None = None):
         if not regions:
             raise Cones2Error("needs at least one subject region", "layout")
         _check_count(len(regions))
         for name in regions:
             limits.name(name, "layout")
         self.regions = dict(regions)
+        self.color_map_sha256 = color_map_sha256   # the image a colour-map layout came from
+
+    def describe(self) -> dict:
+        """The geometry as JSON-ready data (PNG metadata): per subject its strength and its box, pixel
+        box or mask (a 1-bit PNG, base64, with its sha256). `from_description` rebuilds the layout."""
+        regions = {}
+        for name, r in self.regions.items():
+            entry: dict = {"strength": r.strength}
+            if r.box is not None:
+                entry["box"] = list(r.box)
+            elif r.pixel_box is not None:
+                entry["pixel_box"] = list(r.pixel_box)
+            else:
+                entry["mask_png"], entry["mask_sha256"] = _mask_to_text(r.mask), mask_sha256(r.mask)
+            regions[name] = entry
+        described = {"regions": regions}
+        if self.color_map_sha256:
+            described["color_map_sha256"] = self.color_map_sha256
+        return described
+
+    @classmethod
+    def from_description(cls, data, field: str = "layout") -> "Layout":
+        """The layout `describe` wrote (read back from a PNG); every value is checked again."""
+        regions_data = data.get("regions") if isinstance(data, Mapping) else None
+        if not isinstance(regions_data, Mapping) or not regions_data:
+            raise Cones2Error("has no regions", field)
+        regions = {}
+        for name, entry in regions_data.items():
+            where = f"{field}.{name}"
+            if not isinstance(entry, Mapping):
+                raise Cones2Error(f"must be an object, got {quote(entry)}", where)
+            strength = {name: entry.get("strength", DEFAULT_STRENGTH)}
+            if "box" in entry:
+                one = cls.from_boxes({name: entry["box"]}, strength)
+            elif "pixel_box" in entry:
+                one = cls.from_boxes({name: entry["pixel_box"]}, strength, units="pixels")
+            elif "mask_png" in entry:
+                mask = _mask_from_text(entry["mask_png"], where)
+                if entry.get("mask_sha256") not in (None, mask_sha256(mask)):
+                    raise Cones2Error("mask does not match its recorded sha256", where)
+                one = cls.from_masks({name: mask}, strength)
+            else:
+                raise Cones2Error("needs a box, pixel_box or mask_png", where)
+            regions[name] = one.regions[name]
+        return cls(regions, data.get("color_map_sha256"))
 
     def __repr__(self) -> str:
         return f"Layout({', '.join(f'{n}@{r.strength:g}' for n, r in self.regions.items())})"
@@ -86,6 +135,7 @@ class Layout:
         if units not in ("normalized", "pixels"):
             raise Cones2Error(f"must be 'normalized' or 'pixels', got {quote(units)}", "layout.units")
         _check_count(len(boxes))
+        _check_strength_names(strengths, boxes, "layout.strengths")
         regions = {}
         for name, box in boxes.items():
             field = f"layout.boxes.{limits.name(name, 'layout.boxes')}"
@@ -114,6 +164,7 @@ class Layout:
     def from_masks(cls, masks: Mapping[str, object], strengths: float | Mapping[str, float] = DEFAULT_STRENGTH) -> "Layout":
         """Binary masks (H, W) per subject: numpy/torch arrays or PIL images (non-zero = inside)."""
         _check_count(len(masks))
+        _check_strength_names(strengths, masks, "layout.strengths")
         regions = {}
         for name, mask in masks.items():
             field = f"layout.masks.{limits.name(name, 'layout.masks')}"
@@ -138,6 +189,7 @@ class Layout:
         if len(table) > limits.MAX_LAYOUT_COLORS:
             raise Cones2Error(f"{len(table)} colours; at most {limits.MAX_LAYOUT_COLORS}", "layout.colors")
         arr = _load_rgb(image)
+        image_sha256 = hashlib.sha256(np.ascontiguousarray(arr).tobytes() + str(arr.shape).encode()).hexdigest()
         masks: dict[str, torch.Tensor] = {}
         strengths: dict[str, float] = {}
         for key, entry in table.items():
@@ -157,12 +209,24 @@ class Layout:
                     raise Cones2Error(f"subject {name!r} has two colours with different strengths", field)
                 m = m | masks[name]
             masks[str(name)], strengths[str(name)] = m, strength
-        return cls({n: Region(strengths[n], mask=m) for n, m in masks.items()})
+        return cls({n: Region(strengths[n], mask=m) for n, m in masks.items()}, image_sha256)
 
     # ---- rasterising ---------------------------------------------------------------------------
     def masks(self, height: int, width: int) -> dict[str, torch.Tensor]:
         """Each subject's region as a bool mask (height, width)."""
         return {n: r.raster(height, width, f"layout.{n}") for n, r in self.regions.items()}
+
+    def grid_masks(self, height: int, width: int, grid: tuple[int, int], negative_weight: float,
+                   resize: str = "aligned-corners") -> dict[str, torch.Tensor]:
+        """Each region as a latent grid of `grid` (h, w) cells sees it: the cells whose SPEC 3 weight
+        (the {w+, w-} map resized like `weight_maps` does) is positive, as bool (h, w) masks."""
+        seen = {}
+        for name, region in self.regions.items():
+            full = torch.where(region.raster(height, width, f"layout.{name}"), region.strength, negative_weight)
+            level = F.interpolate(full.to(torch.float32)[None, None], size=grid, mode="bilinear",
+                                  align_corners=resize == "aligned-corners")[0, 0]
+            seen[name] = level > 0
+        return seen
 
     def weight_maps(self, subject_positions: Mapping[str, Sequence[int]], height: int, width: int,
                     level_shapes: Sequence[tuple[int, int]], negative_weight: float, seq_len: int = 77,
@@ -229,9 +293,47 @@ def _strength(strengths, name: str, field: str | None = None) -> float:
     return limits.number(value, field or f"layout.strengths.{name}", limits.STRENGTH)
 
 
+def _check_strength_names(strengths, regions: Mapping, field: str) -> None:
+    """A strength for a subject that has no region would be silently dropped: refuse it."""
+    if not isinstance(strengths, Mapping):
+        return
+    for name in strengths:
+        if name not in regions:
+            raise Cones2Error(f"strength given for {quote(name)}, which has no region"
+                              f"{did_you_mean(str(name), regions)}", field)
+
+
 def _check_count(count: int) -> None:
     if count > limits.MAX_SUBJECTS:
         raise Cones2Error(f"{count} subjects; at most {limits.MAX_SUBJECTS} per image", "layout")
+
+
+def mask_sha256(mask) -> str:
+    """sha256 of a bool mask's shape and packed bits (identifies a mask or colour-map region)."""
+    arr = np.asarray(mask, dtype=bool)
+    return hashlib.sha256(str(arr.shape).encode() + np.packbits(arr).tobytes()).hexdigest()
+
+
+def _mask_to_text(mask: torch.Tensor) -> str:
+    """A bool mask as a base64 1-bit PNG (a few hundred bytes for a typical region)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _mask_from_text(text, field: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(str(text), validate=True))) as im:
+            size = im.size
+            if max(size) <= limits.MAX_SIDE:
+                return np.asarray(im.convert("1"), dtype=bool)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise Cones2Error(f"mask_png is not a base64 PNG ({type(exc).__name__})", field) from None
+    raise Cones2Error(f"mask sides must be at most {limits.MAX_SIDE}, got {size}", field)
 
 
 def _load_rgb(image) -> np.ndarray:

@@ -81,3 +81,10 @@ def positions(values, field: str, last: int = MAX_POSITIONS) -> list[int]:
     if not values or len(values) > MAX_POSITIONS:
         raise Cones2Error(f"needs 1 to {MAX_POSITIONS} token positions, got {len(values)}", field)
     return [integer(v, field, 1, last) for v in values]
+
+
+def guidance_steps_within(guidance_steps, steps: int) -> None:
+    """An explicit guidance_steps above the steps would be silently cut to them: refuse it instead
+    (`SamplingConfig` clamps, as the reference does for its config files)."""
+    if isinstance(guidance_steps, (int, float)) and not isinstance(guidance_steps, bool) and guidance_steps > steps:
+        raise Cones2Error(f"is {guidance_steps:g} but there are only {steps} steps", "guidance_steps")

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import Cones2Error
@@ -84,17 +85,40 @@ def _download(repo_id: str) -> Path:
                           "pass a local diffusers directory instead", "model") from None
 
 
-def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE and scheduler config, in eval mode on `device`."""
+def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: torch.dtype,
+                    config: str | os.PathLike | None = None) -> Components:
+    """Load tokenizer, text encoder, UNet, VAE and scheduler config, in eval mode on `device`.
+    A `.safetensors`/`.ckpt` file is a single-file checkpoint (`cones2.single_file`; `config`: a
+    diffusers folder describing it, default the shipped SD 1.x/2.x configs)."""
+    from .single_file import is_single_file, load_single_file
+
+    if is_single_file(path_or_id):
+        return _ready(load_single_file(path_or_id, dtype, config), device)
+    return _ready(_load_folder(path_or_id, dtype), device)
+
+
+def _ready(components: Components, device: torch.device) -> Components:
+    """Check that the parts fit together; put them in eval mode on `device`, frozen."""
+    unet, text_encoder = components.unet, components.text_encoder
+    prediction = components.scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise Cones2Error(f"prediction_type {prediction!r} is not supported (epsilon or v_prediction)", "model")
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise Cones2Error(f"UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder width "
+                          f"{text_encoder.config.hidden_size}", "model")
+    for module in (text_encoder, unet, components.vae):
+        module.to(device).eval().requires_grad_(False)
+    return components
+
+
+def _load_folder(path_or_id: str | os.PathLike, dtype: torch.dtype) -> Components:
+    """The parts of a diffusers-layout folder (or hub id), on the CPU."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_checkpoint(path_or_id)
     quiet_library_logging()
     scheduler_config = json.loads((root / "scheduler/scheduler_config.json").read_text())
-    prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise Cones2Error(f"prediction_type {prediction!r} is not supported (epsilon or v_prediction)", "model")
 
     def load(what, fn):
         try:
@@ -106,11 +130,6 @@ def load_components(path_or_id: str | os.PathLike, device: torch.device, dtype: 
     text_encoder = load("text encoder", lambda: CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype))
     unet = load("UNet", lambda: UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype))
     vae = load("VAE", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise Cones2Error(f"UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder width "
-                          f"{text_encoder.config.hidden_size}", "model")
-    for module in (text_encoder, unet, vae):
-        module.to(device).eval().requires_grad_(False)
     return Components(tokenizer, text_encoder, unet, vae, scheduler_config, str(root), model_id(root))
 
 
@@ -133,3 +152,34 @@ def model_id(root: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return f"{root.name}@{h.hexdigest()[:12]}"
+
+
+FINGERPRINT_VERSION = "signs1"
+TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+@torch.no_grad()
+def model_fingerprint(text_encoder: torch.nn.Module, unet: torch.nn.Module) -> str:
+    """What a residual was trained on, identified from the weights: sha256 over the names, shapes and
+    sign bits of the text encoder's token and position embeddings, its last layer and final norm, and
+    every UNet cross-attention key/value projection (the weights that read text).
+
+    Sign bits survive fp32 -> fp16/bf16 casts exactly, so the same checkpoint loaded in any dtype
+    gives the same fingerprint; a fine-tune moves some weights across zero and gets another one.
+    (D alone cannot tell SD 1.5 from its fine-tunes: they all have D = 768.)"""
+    text_state = text_encoder.state_dict()
+    layer_of = {k: int(m.group(1)) for k in text_state if (m := TEXT_LAYER.search(k))}
+    last = max(layer_of.values(), default=None)
+
+    def wanted(name: str) -> bool:
+        return (("embeddings" in name and name.endswith(".weight")) or layer_of.get(name) == last
+                or "final_layer_norm" in name)
+
+    parts = [(f"text.{k}", v) for k, v in sorted(text_state.items()) if wanted(k) and v.is_floating_point()]
+    parts += [(f"unet.{k}", v) for k, v in sorted(unet.state_dict().items())
+              if ".attn2.to_k." in k or ".attn2.to_v." in k]
+    h = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    for name, tensor in parts:
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(np.packbits(torch.signbit(tensor).cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]

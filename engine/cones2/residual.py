@@ -6,6 +6,7 @@ the safetensors form atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -21,6 +22,7 @@ TENSOR_KEY = "residual"
 FORMAT = "cones2-residual/1"
 MAX_ROWS = 75  # a word can occupy at most the 75 non-special positions of a 77-token prompt
 MAX_FILE_BYTES = 16 * 1024 * 1024
+FINGERPRINT_KEY = "base_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,10 @@ class Residual:
 
     embedding: (k, D) float32, added to the text-encoder output at the subject word's k token
     positions. word / token_ids: the base word and its token ids (None for legacy `.pt` files).
-    base_model: what it was trained on (informational). metadata: any further string metadata.
+    base_model: what it was trained on (a name, informational); the weights it was trained on are
+    identified by `base_fingerprint` (`cones2.loading.model_fingerprint`, recorded by cones2-train).
+    metadata: any further string metadata. file_name / file_sha256: the file it was loaded from
+    (None when built in memory), recorded in each image's metadata so the image can be re-run.
     """
 
     embedding: torch.Tensor
@@ -37,6 +42,8 @@ class Residual:
     token_ids: tuple[int, ...] | None = None
     base_model: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    file_name: str | None = field(default=None, compare=False)
+    file_sha256: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "embedding", _validated_tensor(self.embedding, "embedding"))
@@ -50,6 +57,16 @@ class Residual:
     @property
     def dim(self) -> int:
         return self.embedding.shape[1]
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """The fingerprint of the model it was trained on, when recorded (metadata `base_fingerprint`)."""
+        return self.metadata.get(FINGERPRINT_KEY) or None
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the file it came from, or of its safetensors form when built in memory."""
+        return self.file_sha256 or hashlib.sha256(self.to_safetensors_bytes()).hexdigest()
 
     def check_dim(self, dim: int, name: str = "residual") -> None:
         """Raise a Cones2Error unless this residual fits a text encoder of width `dim`."""
@@ -69,10 +86,16 @@ class Residual:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise Cones2Error(f"file is too large for a residual ({path.stat().st_size} bytes): {path}", name)
         if path.suffix == ".safetensors":
-            return cls.from_safetensors_bytes(path.read_bytes(), name)
-        if path.suffix in (".pt", ".pth", ".bin"):
-            return cls(_load_legacy(path, name), metadata={"source": path.name})
-        raise Cones2Error(f"unsupported file type {path.suffix!r} (use .safetensors or .pt): {path}", name)
+            data = path.read_bytes()
+            residual = cls.from_safetensors_bytes(data, name)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            data = path.read_bytes()
+            residual = cls(_load_legacy(path, name), metadata={"source": path.name})
+        else:
+            raise Cones2Error(f"unsupported file type {path.suffix!r} (use .safetensors or .pt): {path}", name)
+        object.__setattr__(residual, "file_name", path.name)
+        object.__setattr__(residual, "file_sha256", hashlib.sha256(data).hexdigest())
+        return residual
 
     @classmethod
     def from_safetensors_bytes(cls, data: bytes, name: str = "residual") -> "Residual":

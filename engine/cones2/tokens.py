@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from . import limits
 from .errors import Cones2Error, quote
+from .names import did_you_mean, prompt_words
 
 SEQ_LEN = 77
 
@@ -91,4 +92,5 @@ def _not_found(tokenizer, prompt_ids: list[int], ids: list[int], name: str, prom
     elif prompt_ids[-2] not in (tokenizer.eos_token_id, tokenizer.pad_token_id):
         return (f"subject {quote(name)} does not occur in the first {kept} tokens of the prompt "
                 f"(the prompt fills all {SEQ_LEN} tokens; a word past that limit is cut off)")
-    return f"subject {quote(name)} does not occur in the prompt"
+    hint = did_you_mean(name.lower(), prompt_words(prompt)) if prompt is not None else ""
+    return f"subject {quote(name)} does not occur in the prompt{hint}"

@@ -23,7 +23,7 @@ def register(sub) -> None:
                    help="fuse the UNet's attention for ONNX Runtime (faster there; TensorRT then refuses the "
                         "graphs); the CPU default's cached export is made this way")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     o.set_defaults(run=run_onnx)
 
     t = targets.add_parser("tensorrt", help="build TensorRT engines from an ONNX export")
@@ -38,7 +38,7 @@ def register(sub) -> None:
                    help="classic TensorRT (data-centre GPUs; default) or TensorRT-RTX (RTX GPUs; builds without a GPU)")
     t.add_argument("--models", help="comma-separated subset of unet,text_encoder,vae_decoder (default: all)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     t.set_defaults(run=run_tensorrt)
 
 

@@ -29,15 +29,29 @@ def run(args) -> int:
         "text_dim": engine.text_dim, "prediction_type": engine.prediction_type, "default_resolution": size,
         "attention_levels": [f"{h}x{w}" for h, w in engine.level_shapes(size, size)],
         "backends": backend_names(), "default_backend": f"{default} ({why})", "cuda": torch.cuda.is_available(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "model_fingerprint": engine.fingerprint,
         "residuals": {},
     }
     for path, r in residuals.items():
-        facts["residuals"][path] = {"rows": r.rows, "dim": r.dim, "word": r.word, "token_ids": r.token_ids,
-                                    "base_model": r.base_model, "fits_model": r.dim == engine.text_dim, **r.metadata}
+        check = _fingerprint_check(r, engine)
+        facts["residuals"][path] = {**r.metadata, "rows": r.rows, "dim": r.dim, "word": r.word,
+                                    "token_ids": r.token_ids, "base_model": r.base_model, "sha256": r.sha256,
+                                    "fingerprint_check": check,
+                                    "fits_model": r.dim == engine.text_dim and not check.startswith("differs")}
     if args.json:
         print(json.dumps(facts, indent=2, default=str))
     else:
         for k, v in facts.items():
             print(f"{k:20s} {v}")
     return 0
+
+
+def _fingerprint_check(residual, engine) -> str:
+    """Whether the residual was recorded as trained on this model's weights (`Engine.fingerprint`)."""
+    recorded = residual.base_fingerprint
+    if recorded is None:
+        return "not recorded (a residual from before fingerprints, or a reference .pt): width checked only"
+    if recorded == engine.fingerprint:
+        return f"matches ({recorded})"
+    return (f"differs: trained on {recorded}, this model is {engine.fingerprint} (generate refuses it without "
+            "--allow-foreign-residual)")

@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(shipped_demo_model() is None, reason="this build carries no demo model")
 def test_example_config_checks_out_on_the_demo_model(tmp_path):
     env = {"CONES2_DEFAULT_MODEL": None}      # the shipped demo model, not the suite's tiny one
-    proc = cli("generate", "--config", ROOT / "examples/guidance_config_example.json", "--dry-run", "--no-progress",
+    proc = cli("generate", "--config", ROOT / "docs/examples/guidance_config_example.json", "--dry-run", "--no-progress",
                "--out", tmp_path / "ex.png", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "nothing generated (--dry-run)" in proc.stdout and "16 guided" not in proc.stdout
     assert "50 steps (15 guided)" in proc.stdout and (tmp_path / "ex.preview.png").is_file()
-    config = json.loads((ROOT / "examples/guidance_config_example.json").read_text())[0]
+    config = json.loads((ROOT / "docs/examples/guidance_config_example.json").read_text())[0]
     assert set(config["residual_dict"]) == {"heart", "triangle"}
 
 

@@ -11,6 +11,7 @@ markers), one line per problem, so a missing wheel stops the run at the install 
 steps later.
 
     python bench/gpu_wheels.py list cones2-engine pytest        # here: what to download
+    python bench/gpu_wheels.py list --present freeze.txt        # minus what the target has (its pip freeze)
     python bench/gpu_wheels.py check cones2-engine pytest       # there: is the closure complete?
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import metadata
+from pathlib import Path
 
 ROOTS = ("cones2-engine", "pytest")
 BROUGHT = ("torch", "triton")          # the GPU machine's own; with them, their own requirements
@@ -43,18 +45,21 @@ def requirements(dist: metadata.Distribution, extras: frozenset[str]) -> list:
     return needed
 
 
-def walk(roots: list[str]) -> tuple[dict[str, metadata.Distribution], list[str]]:
+def walk(roots: list[str], specifiers: dict | None = None) -> tuple[dict[str, metadata.Distribution], list[str]]:
     """({canonical name: installed distribution} of the roots' closure, [problems]). A problem is a
-    requirement with no installed distribution, or one whose version does not satisfy it."""
+    requirement with no installed distribution, or one whose version does not satisfy it.
+    specifiers: if given, collects {canonical name: [SpecifierSet, ...]} of every requirement met."""
     from packaging.requirements import Requirement
 
     found: dict[str, metadata.Distribution] = {}
     problems: list[str] = []
+    specifiers = {} if specifiers is None else specifiers
     queue = [(Requirement(r), "(root)") for r in roots]
     seen: set[tuple[str, frozenset[str]]] = set()
     while queue:
         req, parent = queue.pop()
         name, extras = canonical(req.name), frozenset(req.extras)
+        specifiers.setdefault(name, []).append(req.specifier)
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
@@ -79,12 +84,26 @@ def brought(roots_found: dict[str, metadata.Distribution]) -> set[str]:
     return names
 
 
+def present_on_target(path: Path, specifiers: dict) -> set[str]:
+    """Names that `pip freeze` output from the target machine (name==version lines) already has at a
+    version every requirement accepts: those need not be carried."""
+    have = set()
+    for line in path.read_text().splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep and all(s.contains(version.strip(), prereleases=True) for s in specifiers.get(canonical(name), [])):
+            have.add(canonical(name))
+    return have
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_wheels.py", description=__doc__.split("\n")[0])
     p.add_argument("action", choices=("list", "check"))
     p.add_argument("roots", nargs="*", default=list(ROOTS), help=f"distributions (default: {' '.join(ROOTS)})")
+    p.add_argument("--present", type=Path, default=None,
+                   help="list: `pip freeze` of the target machine; what it has at a fitting version is left out")
     args = p.parse_args(argv)
-    found, problems = walk(args.roots)
+    specifiers: dict = {}
+    found, problems = walk(args.roots, specifiers)
     if args.action == "check":
         for line in problems:
             print(f"gpu_wheels: {line}", file=sys.stderr)
@@ -94,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"gpu_wheels: {line}" for line in problems), file=sys.stderr)
         return 1
     skip = brought(found) | {canonical(r) for r in args.roots if canonical(r) == "cones2-engine"}
+    if args.present is not None:
+        skip |= present_on_target(args.present, specifiers)
     print("\n".join(f"{found[n].metadata['Name']}=={found[n].version}" for n in sorted(found) if n not in skip))
     return 0
 

@@ -23,6 +23,8 @@ from cones2.kernels import cuda_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 M = 77
+# Evaluated before any fixture: without a device the gpu tests skip before the library is built.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,7 @@ def _spec(q, k, v, weight, coef):
 
 
 @pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2.5e-2)])
 @pytest.mark.parametrize("d,N", [(40, 37), (64, 1000), (160, 133)])
 def test_cuda_library_matches_spec(built_library, dtype, atol, d, N, monkeypatch):
@@ -138,6 +141,7 @@ _TRITON_GPU_CHECK = textwrap.dedent("""
 
 
 @pytest.mark.gpu
+@requires_cuda
 def test_triton_kernel_compiled_on_gpu_matches_spec():
     """The conftest runs Triton under the interpreter; this compiles it for the GPU in a subprocess."""
     if not torch.cuda.is_available():
@@ -208,6 +212,7 @@ def test_cuda_backend_plain_is_softmax_attention():
 
 
 @pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2.5e-2)])
 def test_cuda_backend_matches_spec_on_gpu(built_library, dtype, atol, monkeypatch):
     """`--backend cuda` end to end at the attention seam: SD 2.1's largest cross-attention shape."""

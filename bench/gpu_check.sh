@@ -132,7 +132,8 @@ fi
 env_check() {  # environment step: exit 1 when a tool a later step cannot do without is missing
   local missing=() tool
   if command -v nvidia-smi > /dev/null; then nvidia-smi; elif (( ! DRY )); then missing+=(nvidia-smi); fi
-  "$PY" - "$DRY" <<'EOF_PY' || missing+=("python with torch and triton, a CUDA device, or Python.h")
+  # Triton's interpreter needs numpy, which the install step brings: import it compiled here
+  TRITON_INTERPRET=0 "$PY" - "$DRY" <<'EOF_PY' || missing+=("python with torch and triton, a CUDA device, or Python.h")
 import os, sys, sysconfig
 import torch, triton
 print(sys.version)

@@ -45,10 +45,17 @@ def requirements(dist: metadata.Distribution, extras: frozenset[str]) -> list:
     return needed
 
 
-def walk(roots: list[str], specifiers: dict | None = None) -> tuple[dict[str, metadata.Distribution], list[str]]:
+def is_brought(name: str) -> bool:
+    """torch, Triton or one of NVIDIA's packages: the GPU machine's own."""
+    return name in BROUGHT or name.startswith(BROUGHT_PREFIXES)
+
+
+def walk(roots: list[str], specifiers: dict | None = None,
+         leaves: bool = False) -> tuple[dict[str, metadata.Distribution], list[str]]:
     """({canonical name: installed distribution} of the roots' closure, [problems]). A problem is a
     requirement with no installed distribution, or one whose version does not satisfy it.
-    specifiers: if given, collects {canonical name: [SpecifierSet, ...]} of every requirement met."""
+    specifiers: if given, collects {canonical name: [SpecifierSet, ...]} of every requirement met.
+    leaves: do not look into what the GPU machine's own packages require (its image's business)."""
     from packaging.requirements import Requirement
 
     found: dict[str, metadata.Distribution] = {}
@@ -71,13 +78,14 @@ def walk(roots: list[str], specifiers: dict | None = None) -> tuple[dict[str, me
             continue
         seen.add((name, extras))
         found[name] = dist
-        queue += [(r, f"{name} {dist.version}") for r in requirements(dist, extras)]
+        if not (leaves and is_brought(name)):
+            queue += [(r, f"{name} {dist.version}") for r in requirements(dist, extras)]
     return found, problems
 
 
 def brought(roots_found: dict[str, metadata.Distribution]) -> set[str]:
     """Names the GPU machine brings itself: torch, Triton, NVIDIA's, and torch's and Triton's closure."""
-    names = {n for n in roots_found if n in BROUGHT or n.startswith(BROUGHT_PREFIXES)}
+    names = {n for n in roots_found if is_brought(n)}
     present = [n for n in BROUGHT if n in roots_found]
     if present:
         names |= set(walk(present)[0])
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="list: `pip freeze` of the target machine; what it has at a fitting version is left out")
     args = p.parse_args(argv)
     specifiers: dict = {}
-    found, problems = walk(args.roots, specifiers)
+    found, problems = walk(args.roots, specifiers, leaves=True)
     if args.action == "check":
         for line in problems:
             print(f"gpu_wheels: {line}", file=sys.stderr)

@@ -41,10 +41,10 @@ class CudaBackend:
 
     def __init__(self):
         from cones2.kernels import cuda_loader
-        from cones2.kernels.errors import KernelArgumentError, KernelUnavailableError
+        from cones2.kernels.errors import KernelArgumentError
 
         self._kernel = cuda_loader.rectified_cross_attention
-        self._errors = (KernelArgumentError, KernelUnavailableError)
+        self._argument_error = KernelArgumentError
 
     def plain(self, q, k, v, scale):
         """q: (B, H, N, d), k/v: (B, H, M, d) -> softmax(q k^T * scale) v via SDPA."""
@@ -54,7 +54,7 @@ class CudaBackend:
         """SPEC 3 rectified attention; weight (B, N, M) float32, coef (B,) float32."""
         try:
             return self._kernel(q, k, v, weight, coef, scale)
-        except self._errors as exc:
+        except self._argument_error as exc:   # bad input; a failed launch stays a KernelUnavailableError
             raise Cones2Error(str(exc), "backend.cuda") from None
 
 

@@ -21,8 +21,9 @@
 # step), summary.json (rewritten after every step), numerics.json, pytest-gpu.xml, latency_*.json.
 # BUNDLEDIR (e.g. the device tool's $OUT, which returns at most 8 files): after every step it gets
 # summary.json, gpu_check.log and gpu_check.tar.gz (all of OUTDIR).
-# Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (480; dry run 900), GPU_CHECK_COMPILED_S (the
-# compiled step's reserve, 200), GPU_CHECK_WHEELS (.whl), SD21_CONFIG (SD 2.1 configs folder).
+# Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (480; dry run 1800), GPU_CHECK_COMPILED_S (the
+# compiled step's reserve, 200), GPU_CHECK_CAP_SCALE (each step's timeout times this; 1, dry run 3),
+# GPU_CHECK_WHEELS (.whl), SD21_CONFIG (SD 2.1 configs folder).
 set -uo pipefail
 
 DRY=0
@@ -36,8 +37,9 @@ mkdir -p "$1" && OUT="$(cd "$1" && pwd)" || exit 2
 BUNDLE=""
 if [[ $# -eq 2 ]]; then mkdir -p "$2" && BUNDLE="$(cd "$2" && pwd)" || exit 2; fi
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-$(( DRY ? 900 : 480 ))}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-$(( DRY ? 1800 : 480 ))}"
 RESERVE_S="${GPU_CHECK_COMPILED_S:-200}"        # held back for the compiled-latency step until it runs
+CAP_SCALE="${GPU_CHECK_CAP_SCALE:-$(( DRY ? 3 : 1 ))}"   # step timeouts x this (a shared CPU is slower)
 WHEELS="${GPU_CHECK_WHEELS:-.whl}"
 DEADLINE=$((SECONDS + BUDGET_S))
 WORK="$(mktemp -d)"
@@ -87,6 +89,7 @@ skip() {  # skip NAME WHY [failed]: a step that cannot run here; counts as faile
 step() {
   local name="$1" cap="$2"; shift 2
   local left=$((DEADLINE - SECONDS - RESERVE_S)) limit status rc start
+  cap=$((cap * CAP_SCALE))
   limit=$(( cap < left ? cap : left ))
   if (( limit < 10 )); then
     skip "$name" "only ${left}s of the budget left" failed; return 1
@@ -123,7 +126,7 @@ sd21_config() {  # the SD 2.1 config folder for bench/latency.py --shape sd21, i
   return 1
 }
 
-log "output: $OUT; budget ${BUDGET_S}s (compiled-latency reserve ${RESERVE_S}s); dry run: $DRY; python: $PY; site: $SITE"
+log "output: $OUT; budget ${BUDGET_S}s (compiled-latency reserve ${RESERVE_S}s, step timeouts x$CAP_SCALE); dry run: $DRY; python: $PY; site: $SITE"
 
 # ---- environment: the tools each later step needs; CUDA's bin folder on PATH ----------------------
 if CUDA_BIN="$(cuda_bin)"; then

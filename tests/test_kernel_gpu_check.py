@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ci_support import import_or_skip  # noqa: E402
 
 
-def _run(*args, env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
+def _run(*args, env: dict | None = None, timeout: int = 2100) -> subprocess.CompletedProcess:
     """bench/gpu_check.sh ARGS with this interpreter, the `sdpa` backend pinned, no carried wheels."""
     env = {**os.environ, "PYTHON": sys.executable, "CONES2_BACKEND": "sdpa", **(env or {})}
     env.pop("GPU_CHECK_WHEELS", None)

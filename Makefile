@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/cones2-engine
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-latest lock bench cuda gpu-check clean
+.PHONY: setup demo test test-slow test-latest lock bench cuda gpu-check gpu-check-dry gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -65,9 +65,30 @@ cuda:
 
 # On a bare H100/H200 (torch, Triton, CUDA preinstalled; wheels carried in .whl/): CUDA twin build,
 # kernel numerics vs SPEC 3, gpu-marked tests, bench/latency.py; logs and JSON in $(OUT), < 8 min.
+# `make gpu-check-dry` runs every step's plumbing here on the CPU (tests/test_kernel_gpu_check.py).
 OUT ?= out/gpu-check
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
+
+gpu-check-dry: setup
+	PYTHON=$(PY) bash bench/gpu_check.sh --dry-run $(OUT)-dry
+
+# .whl/ for the GPU machine (no registry there): this project's wheel and every wheel of its closure
+# except torch, Triton, NVIDIA's packages and what torch requires (bench/gpu_wheels.py), for the
+# target's CPython $(GPU_PYTHON) on x86-64 Linux. GPU_PRESENT=FILE (the target's pip freeze, which
+# gpu_check.sh's environment step writes) leaves out what the target has; WHEEL_DIR=... GPU_PYTHON=3.11
+# makes a set for this machine, to rehearse the install in a bare interpreter (docs/kernels.md).
+GPU_PYTHON ?= 3.12
+GPU_PLATFORMS := $(foreach n,$(shell seq 17 39),--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 \
+	--platform manylinux1_x86_64
+WHEEL_DIR ?= .whl
+gpu-wheels: setup
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	$(PY) bench/gpu_wheels.py list $(if $(GPU_PRESENT),--present $(GPU_PRESENT)) > $(WHEEL_DIR)/closure.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		$(GPU_PLATFORMS) -d $(WHEEL_DIR) -r $(WHEEL_DIR)/closure.txt
+	@du -sh $(WHEEL_DIR); ls $(WHEEL_DIR)/*.whl | wc -l
 
 clean:
 	rm -rf build out $(VENV)

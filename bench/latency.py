@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet for the attention backends (CUDA graphs on CUDA); compilation "
                         "happens in the --warmup runs, paper-style stays eager")
+    p.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
+                   help="torch.compile backend with --compile (aot_eager: the same tracing without code "
+                        "generation, for smoke runs on a CPU)")
     p.add_argument("--no-official-fp32", action="store_true",
                    help="skip the reference implementation's own path (paper style with fp32 weights) that "
                         "runs next to the others when --dtype is not fp32")
@@ -122,22 +125,25 @@ def run(args) -> int:
         if getattr(args, flag) < low:
             raise Cones2Error(f"must be >= {low}, got {getattr(args, flag)}", flag)
     backends, skipped = resolve_backends(args.backends, device, args.onnx)
-    engine, model = load_engine(args, device, dtype, backends[0])
-    for name in list(backends):
-        try:
-            engine.runner(name, **({"onnx_dir": args.onnx} if name == "onnxruntime" and args.onnx else {}))
-        except (Cones2Error, ImportError, RuntimeError, OSError) as exc:
-            skipped[name] = f"cannot build its runner: {exc}"
-            backends.remove(name)
-    if not backends:
-        raise Cones2Error("no backend can run here", "backends")
+    if args.compile:
+        import cones2.compiled
 
+        cones2.compiled.COMPILER = args.compiler
+    engine, model = build_runners(args, device, dtype, backends, skipped)
     resolution = args.resolution or engine.default_resolution
+    compile_meta = {}
+    if args.compile:
+        compile_meta, fallback = compile_probe(engine, backends, resolution)
+        if fallback is not None:   # graph break under fullgraph=True on this torch: measure eager, say why
+            print(f"bench/latency.py: --compile falls back to eager: {fallback}", file=sys.stderr)
+            args.compile = False
+            engine, model = build_runners(args, device, dtype, backends, skipped)
     work = Workload(engine, args.subjects, resolution, args.steps, args.guidance_steps, args.mode)
     G = work.request(engine).config.guidance_steps
     results = {"meta": {"model": model, "device": str(device), "device_name": device_name(device),
                         "dtype": str(dtype).replace("torch.", ""), "resolution": resolution, "steps": args.steps,
-                        "guidance_steps": G, "mode": args.mode, "compile": args.compile, "subjects": args.subjects, "backends": backends,
+                        "guidance_steps": G, "mode": args.mode, "compile": args.compile, **compile_meta,
+                        "subjects": args.subjects, "backends": backends,
                         "warmup": args.warmup, "repeat": args.repeat, "torch": torch.__version__,
                         "command": " ".join(["python bench/latency.py"] + sys.argv[1:])},
                "skipped": skipped}
@@ -162,6 +168,40 @@ def run(args) -> int:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return 0
+
+
+def build_runners(args, device: torch.device, dtype: torch.dtype, backends: list[str], skipped: dict):
+    """The engine with a runner for each backend in `backends` (those whose runner cannot be built
+    move to `skipped`, with the reason); (engine, model description)."""
+    engine, model = load_engine(args, device, dtype, backends[0])
+    for name in list(backends):
+        try:
+            engine.runner(name, **({"onnx_dir": args.onnx} if name == "onnxruntime" and args.onnx else {}))
+        except (Cones2Error, ImportError, RuntimeError, OSError) as exc:
+            skipped[name] = f"cannot build its runner: {exc}"
+            backends.remove(name)
+    if not backends:
+        raise Cones2Error("no backend can run here", "backends")
+    return engine, model
+
+
+def compile_probe(engine, backends: list[str], resolution: int) -> tuple[dict, str | None]:
+    """Compile each backend's graphs with one tiny generation at `resolution` (`Engine.warmup`), before
+    anything is timed. Returns ({"compile_s": {backend: seconds}}, None), or, when torch.compile cannot
+    make a full graph on this torch (a graph break under fullgraph=True, a backend compiler failure),
+    ({"compile_requested": True, "compile_fallback": why}, why): the caller measures eager instead of
+    losing the run."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    spent = {}
+    for name in backends:
+        try:
+            spent[name] = round(sum(engine.warmup([resolution], backend=name).values()), 3)
+        except TorchDynamoException as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            why = f"backend {name}: {type(exc).__name__}: {first}"
+            return {"compile_requested": True, "compile_fallback": why}, why
+    return {"compile_s": spent}, None
 
 
 def _cuda_twin(skipped: dict) -> list[str]:

@@ -17,6 +17,7 @@ from .errors import KernelArgumentError, KernelUnavailableError
 LIBRARY_NAME = "libcones2_rca.so"
 ABI_VERSION = 1
 MAX_HEAD_DIM, MAX_KEYS = 160, 256
+BUILD_COMMAND = "cmake -S . -B build && cmake --build build"   # what `make cuda` runs
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -46,7 +47,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     target = next((p for p in paths if p.is_file()), None)
     if target is None:
         raise KernelUnavailableError(f"{LIBRARY_NAME} not found (looked in {', '.join(map(str, paths))}); build it with "
-                          "`make cuda` or set CONES2_RCA_LIBRARY", "cuda_library")
+                                     f"`make cuda` (`{BUILD_COMMAND}`) or set CONES2_RCA_LIBRARY", "cuda_library")
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:

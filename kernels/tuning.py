@@ -74,8 +74,11 @@ def _config(bn: int, bm: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
 
 
-# Candidates, best guesses first (pruning keeps at most MAX_TUNED_CONFIGS that fit the shape).
-_ATTENTION_CANDIDATES = ((64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 1))
+# Candidates, best guesses first (pruning keeps at most MAX_TUNED_CONFIGS that fit the shape). Each
+# compiles for sm_80 and sm_90 without register spills (bench/kernel_resources.py, checked in CI by
+# tests/test_kernel_triton_compile.py); 64x128/4w/1s, 128x128/8w/1s, 64x64/4w/1s and 32x128/4w/1s
+# spill there and are not candidates.
+_ATTENTION_CANDIDATES = ((64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 1))
 _PREPASS_CANDIDATES = ((64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1))
 _INTERPRETER = (64, 64, 4, 1)
 
@@ -89,8 +92,10 @@ def candidate_configs(kind: str, interpret: bool | None = None) -> list[triton.C
 
 
 def fixed_config(d: int) -> triton.Config:
-    """The one config of fp32 launches (both kernels): row tiles shrink for the widest heads."""
-    return _config(32 if block_d(d) > 128 else 64, 64, 4, 1)
+    """The one config of fp32 launches (both kernels): 8 warps over narrow key blocks, because
+    IEEE-fp32 operands take twice the registers of fp16 ones (64x64/4w spills KiBs); row tiles
+    shrink for wider heads."""
+    return _config(64 if block_d(d) <= 64 else 32, 32, 8, 1)
 
 
 def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

@@ -69,7 +69,7 @@ def test_requested_backend_that_cannot_run_names_the_reason_and_the_alternatives
         cones2.select_backend("cpu", "tensorrt")
     assert str(err.value) == ("backend: 'tensorrt' cannot run on cpu: TensorRT engines run on CUDA only; "
                               "usable here: onnx, onnxruntime, reference, sdpa")
-    with pytest.raises(cones2.Cones2Error, match=r"unknown backend 'xla'; choose from onnx, onnxruntime, "):
+    with pytest.raises(cones2.Cones2Error, match=r"unknown backend 'xla'; choose from cuda, onnx, onnxruntime, "):
         cones2.select_backend("cpu", "xla")
 
 

@@ -92,3 +92,44 @@ def test_one_step_latency_run_writes_every_section(tmp_path, tiny_model_dir):
     assert "speedup" in run.stdout and "ratio" in run.stdout
     bad = subprocess.run(cmd[:2] + ["--subjects", "9", "--model", str(tiny_model_dir)], capture_output=True, text=True)
     assert bad.returncode == 2 and "subjects" in bad.stderr
+
+
+_GRAPH_BREAK = """
+import runpy, sys
+import torch
+import cones2.compiled
+from cones2.attention.backends import SdpaBackend
+from cones2.backends import ATTENTION, BackendSpec, register
+
+
+class GraphBreakBackend(SdpaBackend):
+    # sdpa with a graph break in every plain call: what an op this torch cannot trace looks like
+    name = "graph-break"
+
+    def plain(self, q, k, v, scale):
+        torch._dynamo.graph_break()
+        return super().plain(q, k, v, scale)
+
+
+register(BackendSpec("graph-break", ATTENTION, GraphBreakBackend, "test backend: breaks the graph"))
+cones2.compiled.TRACEABLE = cones2.compiled.TRACEABLE | {"graph-break"}   # traced, so dynamo meets the break
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_latency_compile_falls_back_to_eager_on_a_graph_break(tmp_path, tiny_model_dir):
+    """A graph break under fullgraph=True (as a GPU's torch may hit) does not lose the run: bench/latency.py
+    logs why, measures eager, and its JSON says that compile was asked for and what happened."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-c", _GRAPH_BREAK, str(REPO / "bench" / "latency.py"), "--model", str(tiny_model_dir),
+           "--device", "cpu", "--resolution", "64", "--steps", "1", "--warmup", "0", "--repeat", "1",
+           "--backends", "graph-break", "--compile", "--compiler", "aot_eager", "--no-attention", "--no-progress",
+           "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "--compile falls back to eager: backend graph-break: Unsupported" in run.stderr
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["compile"] is False and meta["compile_requested"] is True
+    assert meta["compile_fallback"].startswith("backend graph-break: Unsupported")
+    assert {r["backend"] for r in json.loads(out.read_text())["end_to_end"]} == {"graph-break", "paper-style"}

@@ -23,6 +23,8 @@ from cones2.kernels import cuda_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 M = 77
+# Evaluated before any fixture: without a device the gpu tests skip before the library is built.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,7 @@ def _spec(q, k, v, weight, coef):
 
 
 @pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2.5e-2)])
 @pytest.mark.parametrize("d,N", [(40, 37), (64, 1000), (160, 133)])
 def test_cuda_library_matches_spec(built_library, dtype, atol, d, N, monkeypatch):
@@ -138,6 +141,7 @@ _TRITON_GPU_CHECK = textwrap.dedent("""
 
 
 @pytest.mark.gpu
+@requires_cuda
 def test_triton_kernel_compiled_on_gpu_matches_spec():
     """The conftest runs Triton under the interpreter; this compiles it for the GPU in a subprocess."""
     if not torch.cuda.is_available():
@@ -146,3 +150,83 @@ def test_triton_kernel_compiled_on_gpu_matches_spec():
     run = subprocess.run([sys.executable, "-c", _TRITON_GPU_CHECK.format(tests=str(REPO / "tests"))],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-4000:]
+
+
+# ---- the `cuda` attention backend (engine/cones2/attention/cuda_backend.py) ----------------------
+def _missing_library(monkeypatch, tmp_path):
+    """The loader sees no library anywhere (and forgets any it opened)."""
+    monkeypatch.setattr(cuda_loader, "_LIB", None)
+    monkeypatch.setattr(cuda_loader, "library_candidates", lambda: [tmp_path / cuda_loader.LIBRARY_NAME])
+
+
+def test_cuda_backend_is_registered_opt_in():
+    from cones2 import backends
+
+    spec = backends.get_spec("cuda")
+    assert spec.kind == backends.ATTENTION and spec.exact and spec.default_on == ()
+    assert "cuda" in backends.backend_names(backends.ATTENTION)
+    why = backends.why_unavailable("cuda", "cpu")
+    assert why is not None and "CUDA devices only" in why and "sdpa" in why
+
+
+def test_cuda_backend_without_library_is_one_line_naming_the_build(monkeypatch, tmp_path):
+    from cones2 import Cones2Error, select_backend
+
+    _missing_library(monkeypatch, tmp_path)
+    with pytest.raises(Cones2Error) as err:
+        select_backend("cuda", "cuda")
+    message = str(err.value)
+    assert err.value.field == "backend" and "\n" not in message
+    assert "libcones2_rca.so not found" in message and "make cuda" in message
+    assert "cmake -S . -B build && cmake --build build" in message and "CONES2_RCA_LIBRARY" in message
+
+
+def test_cuda_backend_is_usable_once_built(built_library, monkeypatch):
+    """The library CMake built loads (no GPU needed): on a CUDA device the backend is available."""
+    from cones2 import backends
+
+    monkeypatch.setattr(cuda_loader, "_LIB", None)
+    monkeypatch.setenv("CONES2_RCA_LIBRARY", str(built_library))
+    assert backends.why_unavailable("cuda", "cuda") is None
+
+
+def test_cuda_backend_translates_argument_errors():
+    """Bad tensors reach the user as one Cones2Error naming the backend and the argument."""
+    from cones2 import Cones2Error
+    from cones2.attention.cuda_backend import CudaBackend
+
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(Cones2Error, match=r"^backend\.cuda: q: must be a 4-D CUDA tensor$") as err:
+        CudaBackend().cross(q, q, q, torch.zeros(1, 8, 8), torch.ones(1), 0.25)
+    assert err.value.field == "backend.cuda"
+
+
+def test_cuda_backend_plain_is_softmax_attention():
+    """Unguided calls never touch the library: plain softmax attention (SPEC 3 with coef 0)."""
+    from cones2.attention.cuda_backend import CudaBackend
+
+    q, k, v = torch.randn(1, 2, 9, 16, dtype=torch.float64), torch.randn(1, 2, 5, 16, dtype=torch.float64), \
+        torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    expected = ref.rectified_attention(q[0], k[0], v[0], None, 0.0, 0.25)[None]
+    torch.testing.assert_close(CudaBackend().plain(q, k, v, 0.25), expected)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2.5e-2)])
+def test_cuda_backend_matches_spec_on_gpu(built_library, dtype, atol, monkeypatch):
+    """`--backend cuda` end to end at the attention seam: SD 2.1's largest cross-attention shape."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from cones2 import backends
+
+    monkeypatch.setattr(cuda_loader, "_LIB", cuda_loader.load_library(built_library))
+    assert backends.why_unavailable("cuda", "cuda") is None
+    B, H, N, d = 2, 5, 9216, 64
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(B, H, n, d, device=dev).to(dtype) for n in (N, M, M))
+    weight = torch.stack([_layout_weight(N, -1e8), _layout_weight(N, -1e8)]).to(dev)
+    coef = torch.tensor([0.8, 0.0], device=dev)
+    out = backends.attention_backend("cuda").cross(q, k, v, weight, coef, d ** -0.5)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.double().cpu(), _spec(q, k, v, weight, coef), atol=atol, rtol=0)

@@ -78,10 +78,10 @@ def _load(record: dict) -> str:
     machine = record.get("machine")
     load = machine.get("load_average", NOT_RECORDED) if isinstance(machine, dict) else NOT_RECORDED
     if isinstance(load, list):
-        return " / ".join(f"{x:g}" for x in load)
+        return " / ".join(f"{x:.2f}" for x in load)
     if isinstance(load, dict):
         return "; ".join(f"{k.removeprefix('loadavg_').replace('_', ' ')} "
-                         f"{' / '.join(f'{x:g}' for x in v) if isinstance(v, list) else v}" for k, v in load.items())
+                         f"{' / '.join(f'{x:.2f}' for x in v) if isinstance(v, list) else v}" for k, v in load.items())
     return str(load)
 
 

@@ -215,15 +215,6 @@ def option_flags() -> list[tuple[BackendSpec, BackendOption]]:
     return [(s, o) for s in specs(RUNNER) for o in s.options]
 
 
-def describe(kind: str | None = None) -> str:
-    """One line per backend (name, kind, summary, default devices): the help texts' source."""
-    lines = []
-    for s in specs(kind):
-        where = f"; default on {', '.join(s.default_on)}" if s.default_on and not s.needs else ""
-        lines.append(f"{s.name} ({s.kind}{where}): {s.summary}")
-    return "\n".join(lines)
-
-
 def attention_backend(name: str) -> object:
     """The (shared, stateless) attention backend object called `name`."""
     spec = get_spec(name)

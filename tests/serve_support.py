@@ -173,7 +173,9 @@ def listening_sockets(pid: int) -> set[tuple[str, int]]:
                 hexaddr, hexport = local.split(":")
                 raw = bytes.fromhex(hexaddr)
                 raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))   # per-word little endian
-                found.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+                address = ipaddress.ip_address(raw)
+                address = getattr(address, "ipv4_mapped", None) or address      # ::ffff:127.0.0.1 -> 127.0.0.1
+                found.add((str(address), int(hexport, 16)))
     return found
 
 

@@ -228,8 +228,9 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise Failed(exc.code().name, exc.details() or "") from None
 
-    def generate(self, request, timeout: float = 120.0):
-        return self._call(self.client.stub.Generate, request, metadata=self.client.metadata, timeout=timeout)
+    def generate(self, request, timeout: float = 120.0, request_id: str = ""):
+        metadata = self.client.metadata + ((("request_id", request_id),) if request_id else ())
+        return self._call(self.client.stub.Generate, request, metadata=metadata, timeout=timeout)
 
     def stream(self, request, timeout: float = 120.0):
         call = self.client.stub.GenerateStream(request, metadata=self.client.metadata, timeout=timeout)
@@ -297,8 +298,8 @@ class HttpTransport:
         except HttpError as exc:
             raise Failed(exc.code, exc.message, exc.status, exc.retry_after) from None
 
-    def generate(self, request, timeout: float = 120.0):
-        return self._call(self.client.generate_request, request, timeout=timeout)
+    def generate(self, request, timeout: float = 120.0, request_id: str = ""):
+        return self._call(self.client.generate_request, request, timeout=timeout, request_id=request_id)
 
     def stream(self, request, timeout: float = 120.0):
         import uuid

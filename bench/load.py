@@ -6,7 +6,10 @@ Load (default): --clients threads send a mix of valid and malformed requests for
 latency of valid requests, rejections (RESOURCE_EXHAUSTED), malformed requests answered
 INVALID_ARGUMENT, INTERNAL answers, mean batch size, server memory; then the batching gain.
 
-Fuzz (--fuzz N): N seeded hostile cases of `cones2.serve.fuzz` (every kind of malformed request,
+--transport grpc|http: which of the server's two transports the clients use (the server serves
+gRPC and, with --http-port, HTTP/JSON; one serving core behind both).
+
+Fuzz (--fuzz N): N seeded hostile cases of `bench/serve_fuzz.py` (every kind of malformed request,
 random and undecodable bytes, missing tokens, oversized messages; valid ones mixed in) from
 --clients threads, against a server with a token and small transport/field limits.
 
@@ -17,6 +20,7 @@ otherwise than documented. --json writes the command, settings and every figure.
     python bench/load.py --clients 8 --duration 20 --max-batch 1,4
     python bench/load.py --clients 64 --duration 60 --max-batch 4 --max-queue 64 --json bench/results/serve_load_64.json
     python bench/load.py --fuzz 10000 --json bench/results/serve_fuzz_10000.json
+    python bench/load.py --transport http --clients 8 --duration 20 --max-batch 4
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cones2.serve import cones2_pb2 as pb
-from cones2.serve.client import Client, build_request
+from cones2.serve.client import Client, HttpClient, HttpError, build_request
 
 PROMPTS = ["a dog and a mug on the beach", "a dog on a table", "a mug and a dog in the snow", "a photo of a dog"]
 FUZZ_LIMITS = {"max_message_bytes": 1 << 20, "max_layout_png_bytes": 256 << 10}   # over-limit cases stay cheap
@@ -90,7 +94,7 @@ class ServerProcess:
 
     def __init__(self, args, max_batch: int, store: str, extra: list[str] = ()):
         cmd = [sys.executable, "-c", "import sys; from cones2.cli import main; sys.exit(main())", "serve",
-               "--port", "0", "--max-batch", str(max_batch), "--max-queue", str(args.max_queue),
+               "--port", "0", "--http-port", "0", "--max-batch", str(max_batch), "--max-queue", str(args.max_queue),
                "--threads", str(args.threads), "--residual-store", store, "--log-level", "ERROR", *extra]
         if args.model:
             cmd += ["--model", args.model]
@@ -104,6 +108,7 @@ class ServerProcess:
             self.proc.kill()
             raise SystemExit(f"server did not start (got {line!r})")
         self.target = match.group(1)
+        self.http = "http://127.0.0.1:" + re.search(r"HTTP/JSON on http://[^:]+:(\d+)", line).group(1)
         self.rss_start = self.rss_peak = _rss(self.proc.pid)
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -189,22 +194,25 @@ class RunResult:
         }
 
 
-def client_loop(target: str, seed: int, args, deadline: float, out: list[Outcome], lock: threading.Lock,
+def client_loop(target: tuple[str, str], seed: int, args, deadline: float, out: list[Outcome], lock: threading.Lock,
                 bar) -> None:
     rng = random.Random(seed)
     sent = 0
-    with Client(target, timeout=args.timeout) as c:
+    with Client(target[0], timeout=args.timeout) as c:
+        http = HttpClient(target[1], timeout=args.timeout)
         while time.monotonic() < deadline and (args.requests is None or sent < args.requests):
             valid = rng.random() >= args.invalid_fraction
             req = _valid(rng, args.steps, args.size) if valid else rng.choice(list(MALFORMED.values()))(args.steps,
                                                                                                         args.size)
             t0 = time.monotonic()
             try:
-                r = c.stub.Generate(req, timeout=args.timeout)
+                r = (http.generate_request(req) if args.transport == "http" else
+                     c.stub.Generate(req, timeout=args.timeout))
                 o = Outcome(valid, "OK", time.monotonic() - t0, r.batch_size)
-            except grpc.RpcError as exc:
-                o = Outcome(valid, exc.code().name, time.monotonic() - t0)
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            except (grpc.RpcError, HttpError) as exc:
+                code = exc.code if isinstance(exc, HttpError) else exc.code().name
+                o = Outcome(valid, code, time.monotonic() - t0)
+                if code == "RESOURCE_EXHAUSTED":
                     time.sleep(args.backoff)                # a polite client backs off when rejected
             sent += 1
             with lock:
@@ -224,7 +232,8 @@ def run_load(args, max_batch: int) -> RunResult:
             deadline = start + args.duration
             with tqdm(desc=f"max_batch {max_batch}", unit="req", disable=not args.progress) as bar:
                 threads = [threading.Thread(target=client_loop, daemon=True,
-                                            args=(server.target, 1000 * max_batch + i, args, deadline, outcomes, lock,
+                                            args=((server.target, server.http), 1000 * max_batch + i, args, deadline,
+                                                  outcomes, lock,
                                                   bar)) for i in range(args.clients)]
                 for t in threads:
                     t.start()
@@ -285,7 +294,8 @@ def fuzz_main(args) -> tuple[int, dict]:
             with Client(server.target, token=token, timeout=args.timeout) as c:     # warm
                 c.generate_request(_valid(random.Random(0), 2, 64))
             report = run_fuzz(server.target, args.fuzz, seed=args.seed, clients=args.clients, token=token,
-                              timeout=args.timeout, progress=args.progress, **FUZZ_LIMITS)
+                              timeout=args.timeout, progress=args.progress,
+                              http=server.http if args.transport == "http" else None, **FUZZ_LIMITS)
             crashed, memory = server.finish(token)
         finally:
             server.kill()
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model dir (default: the embedded tiny model)")
     p.add_argument("--fuzz", type=int, default=None, metavar="N", help="fuzz mode: send N seeded hostile cases")
     p.add_argument("--seed", type=int, default=0, help="fuzz seed")
+    p.add_argument("--transport", choices=["grpc", "http"], default="grpc",
+                   help="what the clients speak: gRPC or the HTTP/JSON API (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the settings and every figure here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)

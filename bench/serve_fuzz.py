@@ -1,10 +1,11 @@
 """A seeded gRPC fuzzer for a running Cones2Service: hostile requests of every kind, valid ones mixed in.
 
-Each case (`cones2.serve.fuzz_cases`) carries the status codes docs/serve.md promises for it
+Each case (`serve_fuzz_cases`) carries the status codes docs/serve.md promises for it
 (INVALID_ARGUMENT for a malformed request, UNAUTHENTICATED without the token, RESOURCE_EXHAUSTED
 over the message limit, OK for a valid one). Requests are sent as raw bytes (identity serializers),
-so undecodable bodies travel as they are. Used by tests/test_serve_fuzz.py and
-`bench/load.py --fuzz N`.
+so undecodable bodies travel as they are; `http=` sends them over the HTTP/JSON API instead.
+Used by `bench/load.py --fuzz N [--transport http]` (bench tooling: the test suite's fuzz run is
+tests/serve_acceptance.py, with expectations of its own).
 
     report = run_fuzz("127.0.0.1:50051", n=300, seed=0, token="secret")
     assert report.failures == [] and report.codes.get("INTERNAL", 0) == 0
@@ -64,6 +65,52 @@ def send(channel: grpc.Channel, case: Case, token: str | None, timeout: float) -
         return exc.code().name, exc.details() or "", b""
 
 
+def send_http(base: str, case: Case, token: str | None, timeout: float) -> tuple[str, str, bytes]:
+    """The same case over the HTTP/JSON API: the message as JSON (bytes that do not decode travel as
+    they are, as a body that is not JSON); (status code name, message, response as proto bytes)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from google.protobuf import json_format
+
+    from cones2.serve.http_json import REQUESTS
+
+    headers = {"Content-Type": "application/json"}
+    if token and case.auth != "none":
+        headers["Authorization"] = f"Bearer {token if case.auth == 'good' else token + 'x'}"
+    if case.method == "Health/Check":
+        path, body, verb = "/v1/health", None, "GET"
+    else:
+        path, verb = ("/v1/generate/stream" if case.method == "GenerateStream"
+                      else f"/cones2.v1.Cones2Service/{case.method}"), "POST"
+        try:
+            body = json_format.MessageToJson(REQUESTS[case.method].FromString(case.payload), indent=None).encode()
+        except Exception:  # noqa: BLE001 (undecodable on purpose: send it as it is)
+            body = case.payload
+    req = urllib.request.Request(base + path, data=body, method=verb, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = r.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())
+        except ValueError:
+            err = {}
+        return err.get("code", f"HTTP {exc.code}"), err.get("message", ""), b""
+    except OSError as exc:           # the server closed the connection on an oversized body
+        return "RESOURCE_EXHAUSTED" if len(body or b"") > 1 << 20 else "UNAVAILABLE", str(exc), b""
+    if case.method == "Health/Check":
+        return "OK", "", b""
+    if case.method == "GenerateStream":
+        last = json.loads(data.splitlines()[-1])
+        if "error" in last:
+            return last["error"]["code"], last["error"]["message"], b""
+        return "OK", "", json_format.ParseDict(last, pb.GenerateEvent()).SerializeToString()
+    message = {"Generate": pb.GenerateResponse}.get(case.method)
+    return "OK", "", json_format.Parse(data, message()).SerializeToString() if message else b""
+
+
 def check_result(case: Case, data: bytes, size: int) -> str | None:
     """Why a successful reply to a valid Generate/GenerateStream case is wrong, or None."""
     if case.method not in ("Generate", "GenerateStream"):
@@ -79,10 +126,10 @@ def check_result(case: Case, data: bytes, size: int) -> str | None:
 
 def run_fuzz(target: str, n: int, *, seed: int = 0, clients: int = 8, token: str | None = None,
              timeout: float = 120.0, size: int = 64, max_steps: int = 2, valid_fraction: float = 0.15,
-             progress: bool = False, **limits) -> FuzzReport:
+             progress: bool = False, http: str | None = None, **limits) -> FuzzReport:
     """Send `n` cases from `clients` threads (case i is drawn from seed and i alone, so a run repeats
     exactly whatever the thread timing). limits: CaseMaker's max_message_bytes / max_layout_pixels /
-    max_layout_png_bytes of the server."""
+    max_layout_png_bytes of the server. http: "http://host:port" sends the cases over HTTP/JSON."""
     meta = (("authorization", f"Bearer {token}"),) if token else ()
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     with grpc.insecure_channel(target, options) as channel:
@@ -107,7 +154,8 @@ def run_fuzz(target: str, n: int, *, seed: int = 0, clients: int = 8, token: str
                     return
                 maker.rng = random.Random(seed * 1_000_003 + i)
                 case = maker()
-                code, details, data = send(channel, case, token, timeout)
+                code, details, data = (send_http(http, case, token, timeout) if http else
+                                       send(channel, case, token, timeout))
                 wrong = None
                 if code not in case.expected:
                     wrong = f"got {code}"

@@ -173,7 +173,9 @@ def listening_sockets(pid: int) -> set[tuple[str, int]]:
                 hexaddr, hexport = local.split(":")
                 raw = bytes.fromhex(hexaddr)
                 raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))   # per-word little endian
-                found.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+                address = ipaddress.ip_address(raw)
+                address = getattr(address, "ipv4_mapped", None) or address      # ::ffff:127.0.0.1 -> 127.0.0.1
+                found.add((str(address), int(hexport, 16)))
     return found
 
 
@@ -226,8 +228,9 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise Failed(exc.code().name, exc.details() or "") from None
 
-    def generate(self, request, timeout: float = 120.0):
-        return self._call(self.client.stub.Generate, request, metadata=self.client.metadata, timeout=timeout)
+    def generate(self, request, timeout: float = 120.0, request_id: str = ""):
+        metadata = self.client.metadata + ((("request_id", request_id),) if request_id else ())
+        return self._call(self.client.stub.Generate, request, metadata=metadata, timeout=timeout)
 
     def stream(self, request, timeout: float = 120.0):
         call = self.client.stub.GenerateStream(request, metadata=self.client.metadata, timeout=timeout)
@@ -295,8 +298,8 @@ class HttpTransport:
         except HttpError as exc:
             raise Failed(exc.code, exc.message, exc.status, exc.retry_after) from None
 
-    def generate(self, request, timeout: float = 120.0):
-        return self._call(self.client.generate_request, request, timeout=timeout)
+    def generate(self, request, timeout: float = 120.0, request_id: str = ""):
+        return self._call(self.client.generate_request, request, timeout=timeout, request_id=request_id)
 
     def stream(self, request, timeout: float = 120.0):
         import uuid

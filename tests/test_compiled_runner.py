@@ -101,46 +101,6 @@ def test_compiled_backend_equals_eager(backend, tiny_model_dir):
         assert _graphs() == graphs
 
 
-class _FakeEngine:
-    """Records what a serve worker asks `warmup` for; `compile` marks a compiled engine."""
-
-    def __init__(self, compile: bool):
-        self.compile, self.warmups, self.smoke = compile, [], 0
-
-    def warmup(self, resolutions=None, batch_sizes=(1,)):
-        self.warmups.append((resolutions, list(batch_sizes)))
-        return {(64, 64, b): 0.01 for b in batch_sizes}
-
-    def request(self, *a, **kw):
-        return None
-
-    def generate_batch(self, requests, progress=True):
-        self.smoke += 1
-        return []
-
-
-@pytest.mark.parametrize("compile,resolutions,batch_sizes,expect", [
-    (False, (), (), None),                                          # eager, nothing configured: 64-px smoke run
-    (True, (), (), (None, [1, 2, 3])),                              # compiled: model resolution, 1..max_batch
-    (False, ((512, 512), (512, 768)), (2,), ([(512, 512), (512, 768)], [2])),
-])
-def test_serve_worker_warms_the_configured_shapes_before_ready(compile, resolutions, batch_sizes, expect):
-    from cones2.serve.worker import JobQueue, Worker
-
-    engine = _FakeEngine(compile)
-    jobs = JobQueue(4)
-    worker = Worker("w", lambda: engine, jobs, max_batch=3, warmup_resolutions=resolutions,
-                    warmup_batch_sizes=batch_sizes)
-    worker.start()
-    assert worker.ready.wait(10) and worker.error is None
-    jobs.close()
-    worker.join(10)
-    if expect is None:
-        assert engine.smoke == 1 and engine.warmups == []
-    else:
-        assert engine.warmups == [expect] and engine.smoke == 0
-
-
 def test_compile_flag(tiny_model_dir):
     from cones2.cli import build_parser
     from cones2.cli.common import check_model_flags

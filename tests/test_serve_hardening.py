@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
 
 import grpc
 import numpy as np

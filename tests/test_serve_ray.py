@@ -1,15 +1,18 @@
 """cones2.serve.ray for real: a local Ray instance (2 CPUs), two CPU engine replicas of the tiny model
 behind Ray Serve's gRPC proxy on 127.0.0.1, driven by the unchanged `cones2.serve.client.Client`.
 
-Parity with a direct `Engine`, batching through `@serve.batch`, validation statuses, a residual
-registered through one replica used from the other, a replica killed under load of 8 clients (every
-request completes, or fails UNAVAILABLE and succeeds on retry: none lost, none duplicated), and a
-clean shutdown. One Ray instance serves the whole module (starting it takes most of the time).
+Parity with a direct `Engine`, batching in each replica's core, validation statuses, the shared
+acceptance checks (tests/serve_acceptance.py: the seeded fuzz run over gRPC and HTTP, a residual
+registered through one replica used from the other, a replica killed under load: every request
+completes, or fails UNAVAILABLE and succeeds on retry; none lost, and none ran twice, read from the
+replicas' own access logs), the sockets Ray's proxies listen on, and a clean shutdown. One Ray
+instance serves the whole module (starting it takes most of the time).
 """
 from __future__ import annotations
 
 import collections
 import os
+import re
 import socket
 import threading
 import time
@@ -18,15 +21,18 @@ import grpc
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.serve")
+from ci_support import import_or_skip  # noqa: E402
+
+ray = import_or_skip("ray", "needs the ray extra (pip install 'cones2-engine[ray]')")
+import_or_skip("ray.serve", "needs the ray extra (pip install 'cones2-engine[ray]')")
 
 import cones2  # noqa: E402
 from cones2.serve import cones2_pb2 as pb  # noqa: E402
 from cones2.serve.client import Client, build_request  # noqa: E402
 from cones2.serve.ray import (APP_NAME, ENGINE_DEPLOYMENT, REPLICA_METADATA, EngineSpec,  # noqa: E402
                               RayServeOptions, RayService)
-from serve_support import make_residual  # noqa: E402
+import serve_acceptance as acceptance  # noqa: E402
+from serve_support import GrpcTransport, HttpTransport, make_residual  # noqa: E402
 
 SIZE, STEPS = 64, 3
 # The kill test's requests: a batch of 40 steps takes long next to the gap between two batches (the
@@ -55,8 +61,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
     options = RayServeOptions(replicas=2, replica_cpus=1, num_cpus=2, grpc_port=_free_port(), http_port=_free_port(),
-                              residual_store=tmp_path_factory.mktemp("ray-store"), max_batch=4, batch_wait_s=0.05,
-                              grace_seconds=5)
+                              residual_store=tmp_path_factory.mktemp("ray-store"), max_batch=4, grace_seconds=5)
     # Ray waits 30 s for its GCS server's port file; on a 2-core machine under other load that once
     # ran out twice in a row. Ray's own knob lengthens the wait while this module runs.
     with pytest.MonkeyPatch.context() as env:
@@ -115,21 +120,22 @@ def _serve_args(*flags):
 
 
 def test_flags_map_to_options_and_bad_combinations_name_the_flag(tmp_path):
-    from cones2.cli.serve import limits_from_args
-    from cones2.serve.ray.cli import options_from_args
+    from cones2.cli.serve import ray_options_from_args
 
     args = _serve_args("--address", "auto", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "4",
-                       "--port", "50999", "--residual-store", str(tmp_path), "--max-batch", "8", "--threads", "1")
-    options, spec = options_from_args(args, limits_from_args(args), None)
+                       "--port", "50999", "--residual-store", str(tmp_path), "--max-batch", "8", "--threads", "1",
+                       "--warmup-resolution", "128", "--warmup-batch-sizes", "2,8")
+    options, spec = ray_options_from_args(args, None, None)
+    assert spec.warmup_resolutions == ((128, 128),) and spec.warmup_batch_sizes == (2, 8)
     assert (options.address, options.replicas, options.min_replicas, options.max_replicas) == ("auto", 2, 1, 4)
     assert options.autoscaling and options.grpc_port == 50999 and options.max_batch == 8
     assert (spec.device, spec.model, spec.threads) == ("cpu", None, 1)
     for flags, field in [(("--workers", "2"), "workers"), (("--min-replicas", "1"), "min_replicas"),
                          (("--min-replicas", "2", "--max-replicas", "4", "--replicas", "5"), "replicas"),
-                         (("--replicas", "0"), "replicas"), (("--metrics-port", "9100"), "metrics-port")]:
+                         (("--replicas", "0"), "replicas"), (("--metrics-port", "9100"), "metrics-port"),
+                         (("--port", "0"), "port"), (("--warmup-batch-sizes", "9"), "warmup-batch-sizes")]:
         with pytest.raises(cones2.Cones2Error) as err:
-            args = _serve_args(*flags)
-            options_from_args(args, limits_from_args(args), None)
+            ray_options_from_args(_serve_args(*flags), None, None)
         assert str(err.value).startswith(field), str(err.value)
 
 
@@ -186,7 +192,7 @@ def test_concurrent_compatible_requests_share_a_batch(client, tiny_engine):
     for t in threads:
         t.join()
     assert sorted(out) == seeds and all(out[s].seed == s for s in seeds)
-    assert max(r.batch_size for r in out.values()) > 1       # Ray Serve's @serve.batch grouped them
+    assert max(r.batch_size for r in out.values()) > 1       # a replica's queue grouped them
     diffs = []
     for s in seeds:   # batched results equal single ones up to float rounding (docs/serve.md)
         want = _direct(tiny_engine, "a dog and a mug", seed=s, steps=STEPS, width=SIZE, height=SIZE)
@@ -383,65 +389,77 @@ def _running_engine_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+def _completed_in_replica_logs() -> collections.Counter:
+    """Request ids (`<rid>-<attempt>` -> rid) of every Generate the engine replicas completed OK, read
+    from the replicas' access logs on disk (a killed replica's log stays)."""
+    import glob
+
+    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    done = collections.Counter()
+    for path in glob.glob(os.path.join(logs, f"replica_{APP_NAME}_{ENGINE_DEPLOYMENT}_*.log")):
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = re.search(r" (\d+)-\d+ .*CALL call OK", line)
+                if m:
+                    done[int(m.group(1))] += 1
+    return done
+
+
 def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine):
-    clients, per_client, kill_after = 8, 5, 6
-    done: dict[int, list[pb.GenerateResponse]] = collections.defaultdict(list)
-    failures: dict[int, list[grpc.StatusCode]] = collections.defaultdict(list)
-    lock, killed = threading.Lock(), threading.Event()
+    killed, victim = threading.Event(), []
 
-    def run_client(k: int) -> None:
-        with Client(service.grpc_address, timeout=120) as c:
-            for j in range(per_client):
-                rid = 1000 + 10 * k + j                  # the request id: also its seed
-                request = build_request("a dog and a mug", seed=rid, steps=KILL_STEPS, width=SIZE, height=SIZE,
-                                        output="latents")
-                for attempt in range(8):
-                    try:
-                        resp = c.stub.Generate(request, timeout=120, metadata=(("request_id", f"{rid}-{attempt}"),))
-                    except grpc.RpcError as exc:
-                        with lock:
-                            failures[rid].append(exc.code())
-                        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                            break
-                        time.sleep(0.2 * (attempt + 1))
-                        continue
-                    with lock:
-                        done[rid].append(resp)
-                    break
+    def kill_once(report) -> None:
+        if sum(map(len, report.answers.values())) >= 6 and not killed.is_set():
+            killed.set()
+            replicas = _engine_replica_actors()
+            assert len(replicas) == 2, replicas
+            victim.append(_busy_replica(replicas))
+            ray.kill(ray.get_actor(victim[0], namespace="serve"), no_restart=True)   # mid-flight: it was sampling
 
-    threads = [threading.Thread(target=run_client, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + 120
-    while sum(map(len, done.values())) < kill_after and time.monotonic() < end:
-        time.sleep(0.05)
-    replicas = _engine_replica_actors()
-    assert len(replicas) == 2, replicas
-    victim = _busy_replica(replicas)
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)       # mid-flight: it was sampling
-    killed.set()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads)
-
-    expected = {1000 + 10 * k + j for k in range(clients) for j in range(per_client)}
-    assert set(done) == expected, f"lost: {sorted(expected - set(done))}"                 # none lost
-    assert all(len(v) == 1 for v in done.values())                                        # none duplicated
-    assert all(r[0].seed == rid for rid, r in done.items())                               # each its own answer
-    codes = [c for v in failures.values() for c in v]
-    assert set(codes) <= {grpc.StatusCode.UNAVAILABLE}, codes                              # retryable only
-    assert codes, "the killed replica had no request in flight"
-    print(f"\nkill: {len(done)} requests answered once each; {len(codes)} UNAVAILABLE answers on "
-          f"{len(failures)} requests, all retried successfully")
-    for rid in sorted(failures)[:2]:   # a retried request's answer is the right image
+    report = acceptance.concurrent_clients_with_retries(
+        lambda: GrpcTransport(service.grpc_address), clients=8, per_client=5, on_answer=kill_once,
+        make=lambda rid: build_request("a dog and a mug", seed=rid, steps=KILL_STEPS, width=SIZE, height=SIZE,
+                                       output="latents"))
+    assert killed.is_set()
+    completed = {rid: n for rid, n in _completed_in_replica_logs().items() if rid in report.expected}
+    acceptance.check_nothing_lost(report, collections.Counter(completed))
+    print(f"\nkill: {len(report.answers)} requests answered once each; {len(report.retried)} retried after "
+          f"UNAVAILABLE; replica logs: each completed once")
+    for rid in report.retried[:2]:   # a retried request's answer is the right image
         want = _direct(tiny_engine, "a dog and a mug", seed=rid, steps=KILL_STEPS, width=SIZE, height=SIZE)
-        assert (_latents(done[rid][0]) - want).abs().max().item() <= 1e-4
+        assert (_latents(report.answers[rid][0]) - want).abs().max().item() <= 1e-4
     # Ray Serve replaces the replica; the service keeps answering meanwhile and after
-    end = time.monotonic() + 180
+    end = time.monotonic() + 300                      # only catches a hang
     while _running_engine_replicas() < 2 and time.monotonic() < end:
         time.sleep(0.5)
-    assert _running_engine_replicas() == 2 and victim not in _engine_replica_actors()
+    assert _running_engine_replicas() == 2 and victim[0] not in _engine_replica_actors()
     assert client.generate("a dog", steps=2, width=SIZE, height=SIZE, seed=1).seed == 1
+
+
+# ---- the shared acceptance checks and the sockets -------------------------------------------------
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_seeded_fuzz_gets_only_the_documented_answers(service, kind):
+    make = {"grpc": lambda token=None: GrpcTransport(service.grpc_address, token),
+            "http": lambda token=None: HttpTransport(f"http://127.0.0.1:{service.options.http_port}", token)}[kind]
+    acceptance.fuzz_and_check(make, None, seed=31, n=24, clients=4, auth=False)
+
+
+def test_proxies_listen_where_documented(service):
+    """Ray Serve's HTTP proxy on --host only; its gRPC proxy on every interface (why `serve --ray`
+    refuses to start without --ray-grpc-every-interface, tests/test_serve_process.py)."""
+    import os
+
+    from serve_support import listening_sockets
+
+    proxies = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "PROXY" in a["name"]]
+    assert proxies, "no Ray Serve proxy actor"
+    pid = ray.get(ray.get_actor(proxies[0], namespace="serve").__ray_call__.remote(lambda _self: os.getpid()),
+                  timeout=60)
+    sockets = listening_sockets(pid)
+    http = {a for a, p in sockets if p == service.options.http_port}
+    grpc_ = {a for a, p in sockets if p == service.options.grpc_port}
+    assert http == {"127.0.0.1"}, sockets
+    assert grpc_ and grpc_ <= {"0.0.0.0", "::"}, sockets
 
 
 # ---- shutdown -----------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def serve_until_signal(start, ready, stop, banner, grace: float) -> int:
 def ray_options_from_args(args, token: str | None, checked: dict | None):
     """The serve flags -> (RayServeOptions, EngineSpec) of cones2.serve.ray."""
     from ..serve.ray.app import RayServeOptions
-    from ..serve.ray.deployment import EngineSpec
+    from ..serve.ray.app import EngineSpec
 
     for name, default, hint in _NOT_WITH_RAY:
         if getattr(args, name, default) != default:

@@ -88,6 +88,8 @@ def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limi
     names = set(subjects) | set(layout.names if layout else ())
     if len(names) > limits.max_subjects:
         raise Cones2Error(f"{len(names)} subjects; this server allows at most {limits.max_subjects}", "subjects")
+    # negative_prompt (issue 26): once `GenerationRequest` takes it, GenerateRequest gains the field and
+    # it is passed here; HTTP/JSON and Ray follow the proto, nothing else changes.
     request = GenerationRequest(msg.prompt, subjects, layout, config, positions or None)  # checks the prompt
     engine.check(request)
     return ValidatedRequest(request, _FORMATS[msg.output_format], msg.preview_every)

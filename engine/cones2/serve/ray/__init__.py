@@ -14,8 +14,9 @@ try:
 except ImportError as exc:  # pragma: no cover (depends on the install)
     raise ImportError("cones2.serve.ray needs Ray Serve: pip install 'cones2-engine[ray]'") from exc
 
-from .app import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, RayServeOptions, RayService, build_app
-from .deployment import REPLICA_METADATA, Cones2Engine, Cones2Ingress, EngineSpec, Reply
+from .app import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, EngineSpec, RayServeOptions, RayService, build_app
+from .deployment import REPLICA_METADATA, Cones2Engine, Reply
+from .ingress import Cones2Ingress
 
 __all__ = ["APP_NAME", "ENGINE_DEPLOYMENT", "INGRESS_DEPLOYMENT", "REPLICA_METADATA", "Cones2Engine", "Cones2Ingress",
            "EngineSpec", "RayServeOptions", "RayService", "Reply", "build_app"]

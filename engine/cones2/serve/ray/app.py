@@ -20,10 +20,11 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from ... import Cones2Error, cache_root
+from ... import Cones2Error, Engine, cache_root
 from ..core import CoreOptions
 from ..validation import Limits
-from .deployment import Cones2Engine, Cones2Ingress, EngineSpec
+from .deployment import Cones2Engine
+from .ingress import Cones2Ingress
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,29 @@ GRPC_SERVICER_FUNCTIONS = [
 # Environment the replicas need to resolve the model the way this process does (the embedded
 # default, a test's tiny model, the cache folder), whatever environment the Ray workers started in.
 FORWARDED_ENV_PREFIXES = ("CONES2_", "TRITON_INTERPRET", "HF_HOME", "HF_HUB_OFFLINE")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How each replica builds its engine (`Engine.from_pretrained` arguments), its torch threads and
+    warm-up shapes. model: as seen from the replica's node (None: the embedded model); device "cpu"
+    or "cuda" (a GPU replica sees only its own GPU, as cuda:0)."""
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    backend: str | None = None
+    backend_options: dict = field(default_factory=dict)
+    compile: bool = False
+    threads: int | None = None
+    warmup_resolutions: tuple = ()
+    warmup_batch_sizes: tuple = ()
+
+    def build(self) -> Engine:
+        dtype = self.dtype or ("fp16" if self.device.startswith("cuda") else "fp32")
+        return Engine.from_pretrained(self.model, device=self.device, dtype=dtype, backend=self.backend,
+                                      backend_options=dict(self.backend_options), compile=self.compile)
+
 
 
 @dataclass(frozen=True)

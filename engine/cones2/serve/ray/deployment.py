@@ -1,4 +1,5 @@
-"""The Ray Serve adapter: `Cones2Engine` (one `Core` per replica) and `Cones2Ingress` (no model).
+"""The Ray Serve adapter, replica side: `Cones2Engine` (one `Core` per replica); ingress.py is the
+other side (`Cones2Ingress`, no model).
 
     Ray Serve gRPC / HTTP proxy  ->  Cones2Ingress  ->  Cones2Engine replicas (one per GPU)
                                      auth, status      Core: validate, queue, batch, Engine
@@ -13,21 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from ... import Engine
 from ...threads import configure_threads
 from .. import cones2_pb2 as pb
-from ..auth import MESSAGE as AUTH_MESSAGE
-from ..auth import Token
-from ..core import DONE, HTTP_STATUS, UNARY, Core, CoreOptions, status_of
-from ..handlers import Undecodable, add_service
+from ..core import DONE, UNARY, Core, CoreOptions, status_of
+from ..handlers import add_service
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +34,6 @@ def add_Cones2ServiceServicer_to_server(servicer, server) -> None:  # noqa: N802
     """What Ray Serve's gRPC proxy loads: the service registered by `handlers.add_service`, whose
     decoder never raises (undecodable bytes reach the ingress as `Undecodable`: INVALID_ARGUMENT)."""
     add_service(server, servicer, SERVICE)
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How each replica builds its engine (`Engine.from_pretrained` arguments), its torch threads and
-    warm-up shapes. model: as seen from the replica's node (None: the embedded model); device "cpu"
-    or "cuda" (a GPU replica sees only its own GPU, as cuda:0)."""
-
-    model: str | None = None
-    device: str = "cpu"
-    dtype: str | None = None
-    backend: str | None = None
-    backend_options: dict = field(default_factory=dict)
-    compile: bool = False
-    threads: int | None = None
-    warmup_resolutions: tuple = ()
-    warmup_batch_sizes: tuple = ()
-
-    def build(self) -> Engine:
-        dtype = self.dtype or ("fp16" if self.device.startswith("cuda") else "fp32")
-        return Engine.from_pretrained(self.model, device=self.device, dtype=dtype, backend=self.backend,
-                                      backend_options=dict(self.backend_options), compile=self.compile)
 
 
 @dataclass
@@ -77,7 +49,8 @@ class Reply:
 class Cones2Engine:
     """One engine replica: a `Core` with one worker. Ready (and routed to) once warm."""
 
-    def __init__(self, spec: EngineSpec, options: CoreOptions):
+    def __init__(self, spec, options: CoreOptions):
+        """spec: an `app.EngineSpec` (how to build the engine)."""
         configure_threads(spec.threads)
         self.core = Core(spec.build, options).start()
         self.core.wait_ready()        # a load error fails the replica (RayService reports it)
@@ -131,130 +104,3 @@ class Cones2Engine:
         job = await asyncio.to_thread(self.core.submit, msg, stream=stream,
                                       sink=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         return job, events
-
-
-class Cones2Ingress:
-    """What Ray Serve's proxies call: one method per RPC (plus health's Check and HTTP's __call__);
-    forwards to an engine replica and sets the status. auth_token: as `auth.Token`."""
-
-    def __init__(self, engine, auth_token: str | None = None):
-        self.engine, self.token = engine, Token(auth_token)
-
-    async def GenerateStream(self, request, grpc_context=None):
-        replica = ""
-        async for reply in self._stream(request, grpc_context is None or self.token.allows_metadata(
-                grpc_context.invocation_metadata())):
-            replica = reply.replica or replica
-            _set_status(grpc_context, reply)
-            if reply.code != "OK":
-                raise _Failed(reply.details)      # Ray Serve keeps the code set on grpc_context
-            yield reply.message
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        """SERVING when an engine replica answers within 5 s (for "" and "cones2.v1.Cones2Service")."""
-        if request.service not in ("", SERVICE_NAME):
-            _set_status(grpc_context, Reply(None, "NOT_FOUND", f"unknown service {request.service!r}"))
-            return health_pb2.HealthCheckResponse()
-        reply = await self._forward("GetServerInfo", pb.GetServerInfoRequest(), timeout=5.0)
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if reply.code == "OK"
-                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    async def __call__(self, request):
-        """HTTP/JSON through Ray Serve's HTTP proxy: the routes of `cones2.serve.http_json` (not
-        cancel-by-id nor /metrics: close the stream to cancel; Ray exports its own metrics)."""
-        from starlette.responses import Response, StreamingResponse
-
-        from ..http_json import decode, encode, error_body, route
-
-        def error(reply: Reply) -> Response:
-            return Response(error_body(reply.code, reply.details), HTTP_STATUS.get(reply.code, 500),
-                            media_type="application/json", headers={REPLICA_METADATA: reply.replica})
-
-        found = route(request.method, request.url.path)
-        if found is None or found[0] in ("Cancel", "Metrics"):
-            return error(Reply(None, "NOT_FOUND", f"no route {request.method} {request.url.path} on Ray Serve"))
-        method, arg = found
-        if method == "Health":
-            up = (await self._forward("GetServerInfo", pb.GetServerInfoRequest(), timeout=5.0)).code == "OK"
-            return Response(b'{"status": "%s"}' % (b"SERVING" if up else b"NOT_SERVING"), 200 if up else 503)
-        if not self.token.allows(request.headers.get("authorization")):
-            return error(Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE))
-        try:
-            msg = decode(method, await request.body(), arg)
-        except Exception as exc:  # noqa: BLE001 (a Cones2Error naming "request")
-            return error(Reply(None, *status_of(exc)))
-        if method == "GenerateStream":
-            async def lines():
-                async for reply in self._stream(msg, True):
-                    yield (encode(reply.message) if reply.code == "OK" else
-                           b'{"error": %s}' % error_body(reply.code, reply.details)) + b"\n"
-            return StreamingResponse(lines(), media_type="application/x-ndjson")
-        reply = await self._forward(method, msg)
-        return error(reply) if reply.code != "OK" else Response(
-            encode(reply.message), media_type="application/json", headers={REPLICA_METADATA: reply.replica})
-
-    async def _stream(self, request, allowed: bool):
-        if not allowed:
-            yield Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE)
-        elif isinstance(request, Undecodable):
-            yield Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
-        else:
-            try:
-                async for reply in self.engine.options(stream=True).generate_stream.remote(request):
-                    yield reply
-            except Exception as exc:  # noqa: BLE001 (the replica died, or Ray refused the call)
-                yield Reply(None, *_ray_status(exc))
-
-    async def _forward(self, method: str, request, timeout: float | None = None) -> Reply:
-        if isinstance(request, Undecodable):
-            return Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
-        try:
-            return await asyncio.wait_for(self.engine.call.remote(method, request), timeout)
-        except Exception as exc:  # noqa: BLE001 (the replica died, or Ray refused the call)
-            return Reply(None, *_ray_status(exc))
-
-
-def _unary(method: str):
-    async def rpc(self, request, grpc_context=None):
-        allowed = grpc_context is None or self.token.allows_metadata(grpc_context.invocation_metadata())
-        reply = await self._forward(method, request) if allowed else Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE)
-        _set_status(grpc_context, reply)
-        return reply.message if reply.code == "OK" else _EMPTY[method]()
-    rpc.__name__ = method
-    return rpc
-
-
-_EMPTY = {"Generate": pb.GenerateResponse, "RegisterResidual": pb.RegisterResidualResponse,
-          "ListResiduals": pb.ListResidualsResponse, "DeleteResidual": pb.DeleteResidualResponse,
-          "GetServerInfo": pb.ServerInfo}
-for _method in _EMPTY:
-    setattr(Cones2Ingress, _method, _unary(_method))
-
-
-class _Failed(Exception):
-    """Ends a streaming RPC with the status already set on its grpc_context."""
-
-
-def _set_status(grpc_context, reply: Reply) -> None:
-    """The replica id (trailing metadata) and, for an error, the status code on grpc_context (Ray
-    Serve's proxy then answers that status, not OK)."""
-    if grpc_context is None:
-        return
-    if reply.replica:
-        grpc_context.set_trailing_metadata([(REPLICA_METADATA, reply.replica)])
-    if reply.code != "OK":
-        grpc_context.set_code(grpc.StatusCode[reply.code])
-        grpc_context.set_details(reply.details)
-
-
-def _ray_status(exc: BaseException) -> tuple[str, str]:
-    """Ray's failures as retryable statuses: a dead or vanished replica (the request did not finish
-    anywhere) -> UNAVAILABLE; Ray's own queue bound -> RESOURCE_EXHAUSTED; anything else INTERNAL."""
-    if isinstance(exc, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
-        log.warning("an engine replica failed while answering (%s); answered UNAVAILABLE", type(exc).__name__)
-        return "UNAVAILABLE", f"an engine replica stopped while answering ({type(exc).__name__}); retry the request"
-    if isinstance(exc, (BackPressureError, asyncio.TimeoutError)):
-        return ("RESOURCE_EXHAUSTED", "every engine replica's queue is full; retry the request later") if isinstance(
-            exc, BackPressureError) else ("UNAVAILABLE", "no engine replica answered in time")
-    log.error("internal error", exc_info=exc)
-    return "INTERNAL", f"internal error ({type(exc).__name__}); see the Ray Serve logs"

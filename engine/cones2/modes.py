@@ -66,9 +66,9 @@ def _guided(mode: Mode) -> str:
 
 
 def describe() -> str:
-    """The help text of `--mode`: each mode's line and its defaults, from the table."""
-    return "; ".join(f"{m.name}: {m.summary} (default {m.default_steps} steps, {_guided(m)} guided)"
-                     for m in (MODES[n] for n in mode_names()))
+    """The help text of `--mode`: each mode's line from the table, and which is the default (each mode's
+    step defaults are in `steps_help` / `guidance_steps_help`)."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in (MODES[n] for n in mode_names())) + f" (default: {DEFAULT_MODE})"
 
 
 def steps_help() -> str:

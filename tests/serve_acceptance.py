@@ -71,19 +71,25 @@ def concurrent_clients_with_retries(make_transport, *, clients: int, per_client:
                     on_answer(report)
                 break
 
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(clients)]
+    in_threads(run, clients)
+    return report
+
+
+def in_threads(run, n: int) -> None:
+    """run(k) for k in range(n), each in its own thread; waits for all of them."""
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=600)                             # only catches a hang
     assert not any(t.is_alive() for t in threads), "a client hung"
-    return report
 
 
-def check_nothing_lost(report: ClientsReport, finished: collections.Counter | None) -> None:
+def check_nothing_lost(report: ClientsReport, finished: collections.Counter | None, *, whole_record: bool = True) -> None:
     """Every request answered once, with its own result; only retryable failures, and some (the kill
     hit work in flight); `finished` (the server's record of completed requests, by seed): none ran to
-    completion twice."""
+    completion twice. whole_record=False: the record may miss requests (a killed Ray replica loses
+    the last lines of its log), but must hold most of them, so a duplicate would show."""
     assert set(report.answers) == report.expected, f"lost: {sorted(report.expected - set(report.answers))}"
     assert all(len(v) == 1 for v in report.answers.values())
     assert all(v[0].seed == rid for rid, v in report.answers.items())
@@ -93,7 +99,8 @@ def check_nothing_lost(report: ClientsReport, finished: collections.Counter | No
     if finished is not None:
         twice = {rid: n for rid, n in finished.items() if n > 1}
         assert not twice, f"requests completed more than once on the server: {twice}"
-        assert set(finished) == report.expected
+        assert set(finished) <= report.expected
+        assert set(finished) == report.expected if whole_record else len(finished) >= len(report.expected) // 2
 
 
 # ---- the seeded fuzz run ------------------------------------------------------------------------------
@@ -193,12 +200,7 @@ def _run(cases: list[Case], make_transport, clients: int) -> list[tuple[Case, st
             with lock:
                 results.append(out)
 
-    threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=600)                     # only catches a hang
-    assert not any(th.is_alive() for th in threads), "a fuzz client hung"
+    in_threads(lambda _k: run(), clients)
     return results
 
 

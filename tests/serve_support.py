@@ -209,7 +209,27 @@ class Pending:
         self._cancel()
 
 
-class GrpcTransport:
+class _Transport:
+    """What every transport's client shares: the residual calls and info, errors as `Failed`."""
+
+    def register(self, data: bytes) -> str:
+        return self._call(self.client.register_residual, data)
+
+    def list(self) -> list:
+        return self._call(self.client.list_residuals)
+
+    def info(self):
+        return self._call(self.client.info)
+
+    def _events(self, it):
+        while True:
+            try:
+                yield self._call(next, it)
+            except StopIteration:
+                return
+
+
+class GrpcTransport(_Transport):
     name = "grpc"
 
     def __init__(self, target: str, token: str | None = None):
@@ -234,15 +254,7 @@ class GrpcTransport:
 
     def stream(self, request, timeout: float = 120.0):
         call = self.client.stub.GenerateStream(request, metadata=self.client.metadata, timeout=timeout)
-
-        def events():
-            it = iter(call)
-            while True:
-                try:
-                    yield self._call(next, it)
-                except StopIteration:
-                    return
-        return events(), call.cancel
+        return self._events(iter(call)), call.cancel
 
     def start(self, request) -> Pending:
         import grpc
@@ -255,15 +267,6 @@ class GrpcTransport:
             except grpc.FutureCancelledError:
                 raise Failed("CANCELLED", "cancelled by this client") from None
         return Pending(result, future.cancel)
-
-    def register(self, data: bytes) -> str:
-        return self._call(self.client.register_residual, data)
-
-    def list(self) -> list:
-        return self._call(self.client.list_residuals)
-
-    def info(self):
-        return self._call(self.client.info)
 
     def garbage(self):
         """A Generate call whose request bytes do not decode."""
@@ -279,7 +282,7 @@ class GrpcTransport:
             return exc.code().name
 
 
-class HttpTransport:
+class HttpTransport(_Transport):
     name = "http"
 
     def __init__(self, base: str, token: str | None = None):
@@ -306,14 +309,7 @@ class HttpTransport:
 
         rid = uuid.uuid4().hex
         it = self._call(self.client.generate_stream_request, request, request_id=rid, timeout=timeout)
-
-        def events():
-            while True:
-                try:
-                    yield self._call(next, it)
-                except StopIteration:
-                    return
-        return events(), lambda: self._call(self.client.cancel, rid)
+        return self._events(it), lambda: self._call(self.client.cancel, rid)
 
     def start(self, request) -> Pending:
         import uuid
@@ -321,15 +317,6 @@ class HttpTransport:
         rid = uuid.uuid4().hex
         return Pending(lambda: self._call(self.client.generate_request, request, request_id=rid),
                        lambda: self._call(self.client.cancel, rid))
-
-    def register(self, data: bytes) -> str:
-        return self._call(self.client.register_residual, data)
-
-    def list(self) -> list:
-        return self._call(self.client.list_residuals)
-
-    def info(self):
-        return self._call(self.client.info)
 
     def garbage(self):
         """A Generate call whose body is not JSON."""

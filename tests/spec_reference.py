@@ -16,6 +16,7 @@ Public pieces:
   rectified_attention(q, k, v, weight, coef, scale)
   rectified_attention_probs(q, k, weight, coef, scale)
   train_sigmas / euler_sigmas / guidance_sigmas / guidance_coef   schedule helpers
+  dpmpp_2m_sigmas / dpmpp_2m_update            `fast` mode's solver (DPM-Solver++ 2M), from its paper
   ReferenceAttnProcessor                       diffusers attention processor used by the UNet
 """
 
@@ -315,6 +316,58 @@ def guidance_coef(guidance_weight: float, guidance_steps: int, i: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# DPM-Solver++ 2M (the engine's `fast` mode): Lu et al. 2022, "DPM-Solver++: Fast Solver for
+# Guided Sampling of Diffusion Probabilistic Models", Algorithm 2, written in its own VP variables
+# --------------------------------------------------------------------------------------
+
+
+def dpmpp_2m_sigmas(steps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                    num_train_timesteps: int):
+    """`fast` mode's grid (docs/speed.md): integer timesteps round(linspace(0, T-1, N+1)) reversed,
+    without the last (t = 0), the training sigmas there, then a final 0.
+
+    Returns (timesteps float64 numpy (N,), sigmas float32 torch (N+1,))."""
+    T = num_train_timesteps
+    ts = np.round(np.linspace(0, T - 1, steps + 1))[::-1][:-1].astype(np.int64)
+    s = train_sigmas(beta_start, beta_end, beta_schedule, T)[ts].astype(np.float64)
+    s = np.concatenate([s, [0.0]])
+    return ts.astype(np.float64), torch.from_numpy(s).to(torch.float32)
+
+
+def _vp_alpha_sigma(sigma: float) -> tuple[float, float]:
+    """The VP-SDE (alpha_t, sigma_t) of a noise level `sigma` of x = x0 + sigma * eps:
+    x_vp = alpha_t * x = alpha_t * x0 + sigma_t * eps, alpha_t^2 + sigma_t^2 = 1."""
+    alpha = 1.0 / math.sqrt(1.0 + sigma * sigma)
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m_update(x, x0, prev_x0, sigma_prev: float | None, sigma: float, sigma_next: float):
+    """One DPM-Solver++(2M) step from noise level `sigma` to `sigma_next`, in the x = x0 + sigma*eps scale.
+
+    With lambda_t = log(alpha_t / sigma_t) and h = lambda_next - lambda (Algorithm 2):
+        x_vp_next = (sigma_t_next / sigma_t) x_vp - alpha_next (exp(-h) - 1) D
+        D = x0                                           first step (no history; = DPM-Solver++ 1 / DDIM)
+        D = (1 + 1/(2r)) x0 - 1/(2r) prev_x0,  r = h_prev / h   otherwise
+    where h_prev = lambda - lambda_prev. The step to sigma_next = 0 (lambda = +inf, h infinite,
+    r -> 0) is the limit of the first-order step: x_next = x0.
+    """
+    if sigma_next == 0.0:
+        return x0
+    a, s = _vp_alpha_sigma(sigma)
+    a_next, s_next = _vp_alpha_sigma(sigma_next)
+    lam, lam_next = math.log(a / s), math.log(a_next / s_next)
+    h = lam_next - lam
+    if prev_x0 is None:
+        D = x0
+    else:
+        a_prev, s_prev = _vp_alpha_sigma(sigma_prev)
+        r = (lam - math.log(a_prev / s_prev)) / h
+        D = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * prev_x0
+    x_vp_next = (s_next / s) * (a * x) - a_next * (math.exp(-h) - 1.0) * D
+    return x_vp_next / a_next
+
+
+# --------------------------------------------------------------------------------------
 # Sampler (SPEC 4)
 # --------------------------------------------------------------------------------------
 
@@ -325,15 +378,22 @@ def reference_generate(*, unet, vae, text_encoder, tokenizer, prediction_type: s
                        seed: int, steps: int, guidance_steps: int, guidance_weight: float,
                        cfg_scale: float, negative_weight: float, height: int, width: int,
                        beta_start: float, beta_end: float, beta_schedule: str,
-                       num_train_timesteps: int, negative_prompt: str = "") -> dict:
+                       num_train_timesteps: int, negative_prompt: str = "", solver: str = "euler") -> dict:
+    """solver "euler": SPEC 4 to the letter (the engine's `paper-exact`). "dpmpp-2m": the same
+    guidance, CFG and self-recurrence with DPM-Solver++ 2M steps (the engine's `fast` on the CPU):
+    both passes of a guided step use the same history x0_{i-1}, and the second pass's x0_i becomes
+    the history of step i+1 (docs/speed.md)."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    if solver not in ("euler", "dpmpp-2m"):
+        raise ValueError(f"unsupported solver {solver!r}")
     device = unet.device
 
     C, U = compose_embeddings(text_encoder, tokenizer, prompt, residuals, positions, negative_prompt)
     C, U = C.to(device), U.to(device)
 
-    timesteps, sigmas = euler_sigmas(steps, beta_start, beta_end, beta_schedule, num_train_timesteps)
+    grid = euler_sigmas if solver == "euler" else dpmpp_2m_sigmas
+    timesteps, sigmas = grid(steps, beta_start, beta_end, beta_schedule, num_train_timesteps)
     sigmas = sigmas.to(device)
     G = int(guidance_steps)
     gsig = guidance_sigmas(G) if G > 0 else None
@@ -351,6 +411,7 @@ def reference_generate(*, unet, vae, text_encoder, tokenizer, prediction_type: s
     state = {"weights_by_n": None, "coef": 0.0}
     saved = unet.attn_processors
     unet.set_attn_processor(ReferenceAttnProcessor(state))
+    prev_x0 = None
     try:
         for i in range(steps):
             t = float(timesteps[i])
@@ -362,7 +423,7 @@ def reference_generate(*, unet, vae, text_encoder, tokenizer, prediction_type: s
                 sg = float(gsig[i])
                 coef = float(guidance_weight) * math.log(1.0 + sg * sg)
 
-            def one_step(x):
+            def predict_x0(x):
                 xin = x / torch.sqrt(s ** 2 + 1)
                 state["weights_by_n"] = weights_by_n if guided else None
                 state["coef"] = coef
@@ -372,16 +433,22 @@ def reference_generate(*, unet, vae, text_encoder, tokenizer, prediction_type: s
                 e_u = unet(xin, t, encoder_hidden_states=U).sample
                 e = e_u + cfg_scale * (e_c - e_u)
                 if prediction_type == "epsilon":
-                    x0 = x - s * e
-                else:
-                    x0 = e * (-s / torch.sqrt(s ** 2 + 1)) + x / (s ** 2 + 1)
-                return x + (s_next - s) * (x - x0) / s
+                    return x - s * e
+                return e * (-s / torch.sqrt(s ** 2 + 1)) + x / (s ** 2 + 1)
 
-            x = one_step(x)
-            if guided:  # self-recurrence: re-noise back to sigma_i, repeat step i
+            def one_step(x):
+                x0 = predict_x0(x)
+                if solver == "euler":
+                    return x + (s_next - s) * (x - x0) / s, x0
+                s_prev = float(sigmas[i - 1]) if i > 0 else None
+                return dpmpp_2m_update(x, x0, prev_x0, s_prev, float(s), float(s_next)), x0
+
+            x, x0 = one_step(x)
+            if guided:  # self-recurrence: re-noise back to sigma_i, repeat step i (same history)
                 noise = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
                 x = x + torch.sqrt(s ** 2 - s_next ** 2) * noise
-                x = one_step(x)
+                x, x0 = one_step(x)
+            prev_x0 = x0
     finally:
         unet.set_attn_processor(saved)
 

@@ -10,6 +10,7 @@ import torch
 import cones2
 from cones2 import backends
 from cones2.backends import ATTENTION, RUNNER, BackendSpec
+from ci_support import import_or_skip
 
 
 def test_both_kinds_are_registered_under_one_namespace():
@@ -52,7 +53,7 @@ def test_the_environment_pins_the_default(monkeypatch):
 
 
 def test_cuda_default_prefers_triton_and_says_why_it_passed_it_over(monkeypatch):
-    pytest.importorskip("triton")
+    import_or_skip("triton", "the triton backend needs the [triton] extra")
     monkeypatch.delenv("CONES2_BACKEND", raising=False)
     assert cones2.select_backend("cuda") == ("triton", "default on cuda")
     import dataclasses

@@ -1,5 +1,7 @@
-"""The engine's `reference` and `sdpa` backends against the independent SPEC 2-4 implementation
-(tests/spec_reference.py), on tiny SD-shaped models loaded separately with diffusers."""
+"""The engine against the independent SPEC 2-4 implementation (tests/spec_reference.py), on tiny
+SD-shaped models loaded separately with diffusers: `paper-exact` on every CPU backend (`reference`,
+`sdpa`, `onnxruntime`, and `triton` under the interpreter), and guided `fast` (DPM-Solver++ 2M with
+SPEC 3 guidance and self-recurrence) against the reference's own DPM-Solver++ loop."""
 from __future__ import annotations
 
 import numpy as np
@@ -41,16 +43,57 @@ CASES = {
     "v-two-subjects": dict(model="v", prompt="a dog and a teddybear on the beach", height=128, width=128,
                            residual_rows={"dog": 1, "teddybear": 2}, positions=None,
                            boxes={"dog": (0.05, 0.3, 0.5, 0.95), "teddybear": (0.55, 0.1, 0.95, 0.7)},
-                           strengths={"dog": 2.5, "teddybear": 3.0}, steps=4, guidance_steps=3, seed=3),
+                           strengths={"dog": 2.5, "teddybear": 3.0}, steps=4, guidance_steps=3, seed=3,
+                           residual_seed=101),
     # SD 1.x-like epsilon model, non-square, a repeated word, explicit positions for the residual
     "eps-nonsquare-explicit": dict(model="eps", prompt="a cat next to a cat and a mug", height=128, width=192,
                                    residual_rows={"cat": 1}, positions={"cat": [5]},
                                    boxes={"cat": (0.0, 0.0, 0.5, 1.0), "mug": (0.6, 0.4, 1.0, 1.0)},
-                                   strengths={"cat": 2.5, "mug": 2.5}, steps=3, guidance_steps=3, seed=11),
+                                   strengths={"cat": 2.5, "mug": 2.5}, steps=3, guidance_steps=3, seed=11,
+                                   residual_seed=102),
     # no layout: self-recurrence still happens for i < G, with plain attention
     "v-no-layout": dict(model="v", prompt="a photo of a dog", height=64, width=128, residual_rows={"dog": 1},
-                        positions=None, boxes={}, strengths={}, steps=3, guidance_steps=2, seed=5),
+                        positions=None, boxes={}, strengths={}, steps=3, guidance_steps=2, seed=5,
+                        residual_seed=103),
+    # the smallest guided case: the Triton kernel runs under its interpreter, slow at larger sizes
+    "v-small": dict(model="v", prompt="a dog and a teddybear", height=64, width=64,
+                    residual_rows={"dog": 1, "teddybear": 2}, positions=None,
+                    boxes={"dog": (0.05, 0.3, 0.5, 0.95), "teddybear": (0.55, 0.1, 0.95, 0.7)},
+                    strengths={"dog": 2.5, "teddybear": 3.0}, steps=2, guidance_steps=2, seed=4,
+                    residual_seed=106, backends=("triton",)),
+    # `fast` (DPM-Solver++ 2M): second-order steps inside and after the guided part, both model types,
+    # the last step to sigma = 0; checked against spec_reference's loop written from the paper
+    "v-fast-guided": dict(model="v", prompt="a dog and a teddybear on the beach", height=64, width=64,
+                          residual_rows={"dog": 1, "teddybear": 2}, positions=None,
+                          boxes={"dog": (0.05, 0.3, 0.5, 0.95), "teddybear": (0.55, 0.1, 0.95, 0.7)},
+                          strengths={"dog": 2.5, "teddybear": 3.0}, steps=5, guidance_steps=3, seed=21,
+                          residual_seed=104, mode="fast"),
+    "eps-fast-guided": dict(model="eps", prompt="a cat next to a mug", height=64, width=128,
+                            residual_rows={"cat": 1}, positions=None,
+                            boxes={"cat": (0.0, 0.0, 0.5, 1.0), "mug": (0.6, 0.4, 1.0, 1.0)},
+                            strengths={"cat": 2.5, "mug": 2.0}, steps=4, guidance_steps=2, seed=22,
+                            residual_seed=105, mode="fast"),
 }
+SOLVER = {"paper-exact": "euler", "fast": "dpmpp-2m"}
+# paper-exact on every backend the CPU runs (triton on its own small case); `fast` differs from
+# paper-exact only in the sampler, so two attention backends suffice there (the literal one and sdpa)
+BACKENDS = {"paper-exact": ("reference", "sdpa", "onnxruntime"), "fast": ("reference", "sdpa")}
+RUNS = [(name, backend) for name, case in CASES.items()
+        for backend in case.get("backends", BACKENDS[case.get("mode", "paper-exact")])]
+
+
+class CountingRunner:
+    """Stands in for the engine's runner of one backend: counts UNet calls, delegates everything else."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +107,7 @@ def reference_results(models):
     for name, case in CASES.items():
         model_dir, (parts, prediction, betas) = models[case["model"]]
         dim = parts["text_encoder"].config.hidden_size
-        gen = torch.Generator().manual_seed(hash(name) % 1000)
+        gen = torch.Generator().manual_seed(case["residual_seed"])   # fixed: a failure reproduces
         residuals = {w: 0.5 * torch.randn(k, dim, generator=gen) for w, k in case["residual_rows"].items()}
         regions = {w: (_box_mask(b, case["height"], case["width"]), case["strengths"][w]) for w, b in case["boxes"].items()}
         with torch.no_grad():
@@ -72,7 +115,7 @@ def reference_results(models):
                 **parts, prediction_type=prediction, prompt=case["prompt"], residuals=residuals,
                 positions=case["positions"], regions=regions, seed=case["seed"], steps=case["steps"],
                 guidance_steps=case["guidance_steps"], guidance_weight=0.08, cfg_scale=7.5, negative_weight=-1e8,
-                height=case["height"], width=case["width"], **betas)
+                height=case["height"], width=case["width"], solver=SOLVER[case.get("mode", "paper-exact")], **betas)
         out[name] = (residuals, ref)
     return out
 
@@ -82,28 +125,46 @@ def engines(models):
     return {k: cones2.Engine.from_pretrained(d, backend="sdpa") for k, (d, _) in models.items()}
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "onnxruntime"])
-@pytest.mark.parametrize("case_name", list(CASES))
-def test_engine_matches_spec_reference(engines, reference_results, case_name, backend):
-    """`onnxruntime` (the CPU default) runs the export the engine makes on first use and caches."""
+def _backend_class(backend: str) -> str:
+    """The runner class each backend name must reach, named here (not asked of the engine)."""
+    return "OrtUNetRunner" if backend == "onnxruntime" else "TorchUNetRunner"
+
+
+@pytest.mark.parametrize("case_name,backend", RUNS)
+def test_engine_matches_spec_reference(engines, reference_results, case_name, backend, monkeypatch):
+    """`onnxruntime` (the CPU default) runs the export the engine makes on first use and caches;
+    `triton` runs the fused kernel under TRITON_INTERPRET=1 (conftest)."""
     if backend == "onnxruntime":
         import_or_skip("onnxruntime", "the CPU default needs the export extra")
         import_or_skip("onnxscript", "the CPU default needs the export extra")
+    if backend == "triton":
+        import_or_skip("triton", "the triton backend needs the [triton] extra")
     case = CASES[case_name]
+    mode = case.get("mode", "paper-exact")
     residuals, ref = reference_results[case_name]
     engine = engines[case["model"]]
+    # the backend that runs is the one asked for: its runner (and nothing else) takes every UNet call
+    spy = CountingRunner(engine.runner(backend))
+    monkeypatch.setitem(engine._runners, backend, spy)
     layout = cones2.Layout.from_boxes(case["boxes"], case["strengths"]) if case["boxes"] else None
     result = engine.generate(case["prompt"], {w: cones2.Residual(r) for w, r in residuals.items()}, layout,
                              subject_positions=case["positions"], seed=case["seed"], steps=case["steps"],
                              guidance_steps=case["guidance_steps"], height=case["height"], width=case["width"],
-                             backend=backend, progress=False)
+                             backend=backend, mode=mode, progress=False)
+    assert spy.calls == case["steps"] + case["guidance_steps"], f"{backend}: {spy.calls} UNet calls"
+    assert type(spy.inner).__name__ == _backend_class(backend) and result.backend == backend
+    if backend != "onnxruntime":
+        assert spy.inner.name == backend
     # onnxruntime's text encoder is the exported graph in ORT's kernels: its own float rounding
     embedding_atol = 1e-5 if backend == "onnxruntime" else 1e-6
     torch.testing.assert_close(result.cond_embeddings, ref["cond_embeddings"], rtol=0, atol=embedding_atol)
     scale = ref["latents"].abs().max().item()
     err = (result.latents - ref["latents"]).abs().max().item()
     # fp32 throughout; `reference` is literal, `sdpa` uses the closed-form std and a fused softmax,
-    # `onnxruntime` the exported graph's formulation (export/graph_attention.py) with ORT's kernels.
+    # `onnxruntime` the exported graph's formulation (export/graph_attention.py) with ORT's kernels,
+    # `triton` the fused kernel (online softmax, closed-form std). `fast` rows: any work-skipping knob
+    # of `fast` mode must be off here (or its deviation bounded by its own test), as the reference
+    # computes every UNet call.
     print(f"{case_name}/{backend}: max abs latent error {err:.3g}, scale {scale:.3g}")
     assert err <= 2e-5 * max(scale, 1.0), f"{backend}: max abs latent error {err:.3g} (latent scale {scale:.3g})"
     diff = (torch.tensor(ref["image"]).int() - torch.tensor(np.asarray(result.image)).int()).abs()

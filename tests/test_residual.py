@@ -16,7 +16,22 @@ def test_safetensors_round_trip(tmp_path):
     back = cones2.Residual.load(path)
     assert torch.equal(back.embedding, r.embedding)
     assert (back.word, back.token_ids, back.base_model, back.metadata["steps"]) == ("teddybear", (25758, 4298), "tiny@abc", "10")
-    assert path.stat().st_size < 5 * 1024  # the paper's "about 5 KB per subject" (here D=32)
+
+
+def test_a_subject_is_about_5_kb_at_sd_2_width(tmp_path):
+    """SPEC 5's "about 5 KB per subject" at the width it is about (SD 2.x, D = 1024), for a one-token
+    word, with the metadata a training run writes (its keys and value lengths: cones2_train/trainer.py)."""
+    sha = "0" * 64
+    metadata = {"trainer": "cones2_train", "version": "0.0.0", "steps": "4000", "lr": "5e-06", "seed": "0",
+                "batch_size": "1", "resolution": "768", "reg_first": "0.01", "reg_rest": "0.001", "train_prompt": "{}",
+                "grad_clip": "1.0", "weight_decay": "0.01", "dtype": "bf16", "prediction_type": "v_prediction",
+                "images": "5", "images_sha256": sha, "templates": "100", "templates_sha256": sha,
+                "base_model_path": "/home/user/.cache/huggingface/hub/models--stabilityai--stable-diffusion-2-1",
+                "text_encoder_sha256": sha}
+    r = cones2.Residual(torch.randn(1, 1024), word="dog", token_ids=(1929,),
+                        base_model="stabilityai/stable-diffusion-2-1@" + "f" * 40, metadata=metadata)
+    size = r.save(tmp_path / "dog.safetensors").stat().st_size
+    assert 1024 * 4 <= size <= 5 * 1024, f"{size} bytes"   # the fp32 (1, 1024) tensor, plus under 1 KiB of header
 
 
 @pytest.mark.parametrize("shape", [(1, 32), (32,)])

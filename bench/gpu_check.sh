@@ -217,9 +217,10 @@ step pytest-gpu 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
 if (( DRY )); then   # the default (tiny) model, fp32 on the CPU, two steps at 64 px
   SHAPE=(--device cpu --dtype fp32 --resolution 64 --steps 2 --threads 1 --no-official-fp32)
   WARMUP=0; REPEAT=1; FAST=(--backends sdpa); EXACT=(--backends sdpa); COMPILER=(--compiler aot_eager)
-elif CONFIG="$(sd21_config)"; then   # SD 2.1 at 768 px, fp16; fast on the default CUDA backend
+elif CONFIG="$(sd21_config)"; then   # SD 2.1 at 768 px, fp16; fast on the default CUDA backend; paper-exact
+  # on the fused kernels and sdpa (with the paper style and its fp32 weights beside them, always)
   SHAPE=(--shape sd21 --sd21-config "$CONFIG" --dtype fp16)
-  WARMUP=1; REPEAT=3; FAST=(--backends torch); EXACT=(--steps 50); COMPILER=()
+  WARMUP=1; REPEAT=3; FAST=(--backends torch); EXACT=(--steps 50 --backends triton,cuda,sdpa); COMPILER=()
 else
   SHAPE=()
 fi

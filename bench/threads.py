@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import re
 import statistics
@@ -28,6 +27,8 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from harness.results import write_result
 
 TIMES = re.compile(r"\(([\d.]+)s: sampling ([\d.]+)s")
 PROMPT = "a dog and a mug on the beach"
@@ -154,15 +155,12 @@ def main(argv=None) -> int:
             for s in summary.values():
                 s["vs_best_fixed"] = round(s["process_median_s"] / best_fixed, 3)
             results.append({"burners": busy, "generations": generations, "summary": summary, "runs": runs})
-    record = {
-        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "model": model, "steps": args.steps, "guidance_steps": args.steps, "resolution": args.resolution,
-        "repeats": args.repeats, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-        "torch_default_threads": torch_default, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "conditions": results,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    settings = {"model": model, "steps": args.steps, "guidance_steps": args.steps, "resolution": args.resolution,
+                "repeats": args.repeats, "variants": variants, "burners": args.burners,
+                "generations": args.generations, "cpu_count": os.cpu_count(), "torch_default_threads": torch_default}
+    payload = {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "conditions": results}
+    write_result(args.json, settings, payload, argv=argv, script="bench/threads.py",
+                 files=["threads.md"] if Path(args.json).parent.joinpath("threads.md").exists() else None)
     print("\n| busy cores | images/process | variant | process median (min..max) s | / best fixed | load 1m |")
     print("|---|---|---|---|---|---|")
     for c in results:
@@ -170,7 +168,7 @@ def main(argv=None) -> int:
             print(f"| {c['burners']} | {c['generations']} | {v} | {s['process_median_s']:.2f} "
                   f"({s['process_min_s']:.2f}..{s['process_max_s']:.2f}) | {s['vs_best_fixed']:.2f} | "
                   f"{min(s['loadavg_1m']):.1f}-{max(s['loadavg_1m']):.1f} |")
-    print(f"load average before {load_before}, after {record['loadavg_after']}; wrote {args.json}")
+    print(f"load average before {load_before}, after {payload['loadavg_after']}; wrote {args.json}")
     return 0
 
 

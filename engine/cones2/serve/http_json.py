@@ -11,6 +11,7 @@ the standard library's ThreadingHTTPServer, over the same `Core` (auth, limits, 
     GET    /v1/info                 ServerInfo
     GET    /v1/health               {"status": "SERVING"} (200) or "NOT_SERVING" (503); no token needed
     GET    /metrics                 Prometheus text
+    GET    /, /studio/{file}        the studio page (static, no token needed; its calls need one)
     POST   /cones2.v1.Cones2Service/{Method}   the unary RPCs by their gRPC names (as on Ray Serve)
 
 Errors answer {"code": <gRPC status name>, "message": ...} with the HTTP status of `core.HTTP_STATUS`
@@ -35,6 +36,8 @@ from . import cones2_pb2 as pb
 from .auth import MESSAGE as AUTH_MESSAGE
 from .auth import Token
 from .core import DONE, HTTP_STATUS, UNARY, Core, TooLarge, status_of
+from .studio_assets import HEADERS as STUDIO_HEADERS
+from .studio_assets import studio_asset
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
     def _dispatch(self) -> None:
+        if self.command == "GET" and (page := studio_asset(self.path)) is not None:   # the studio page
+            return self._send(200, page[0], STUDIO_HEADERS, content_type=page[1])
         found = route(self.command, self.path)
         if found is None:
             return self._send(404, error_body("NOT_FOUND", f"no route {self.command} {self.path.split('?')[0]}"))

@@ -101,6 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, page[0], STUDIO_HEADERS, content_type=page[1])
         found = route(self.command, self.path)
         if found is None:
+            self.close_connection = True     # its body is not read
             return self._send(404, error_body("NOT_FOUND", f"no route {self.command} {self.path.split('?')[0]}"))
         method, arg = found
         if method == "Health":
@@ -108,6 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200 if up else 503, json.dumps({"status": "SERVING" if up else "NOT_SERVING"}).encode())
         if not self.token.allows(self.headers.get("Authorization")):
             self.core.metrics.observe(method, "UNAUTHENTICATED", 0.0)
+            self.close_connection = True     # its body is not read: it must not prefix the next request
             return self._send(401, error_body("UNAUTHENTICATED", AUTH_MESSAGE), {"WWW-Authenticate": "Bearer"})
         if method == "Metrics":
             return self._send(200, self.core.metrics.text(), content_type="text/plain; version=0.0.4")

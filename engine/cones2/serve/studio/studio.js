@@ -81,9 +81,7 @@ function errorTarget(err) {
 function showError(err, where) {
   const el = where || errorTarget(err);
   el.textContent = err.code && err.code !== "INVALID_ARGUMENT" ? `${err.code}: ${err.message}` : err.message;
-  const input = el.closest(".subject, label, section");
   if (el.id === "err-token") $("token").setAttribute("aria-invalid", "true");
-  return input;
 }
 
 // ---- server info and the residual store ----------------------------------------------------------
@@ -484,7 +482,7 @@ function restore(item) {
   $("prompt").value = r.prompt;
   $("mode").value = r.mode;
   for (const k of ["steps", "guidance_steps", "width", "height"]) $(k).value = r[k] === undefined ? "" : r[k];
-  $("seed").value = item.response.seed;
+  $("seed").value = item.seed;
   state.subjects = item.state.subjects.map((s) => Object.assign({}, s, {box: s.box && Object.assign({}, s.box)}));
   state.colorMap = item.state.colorMap;
   state.selected = state.subjects.length ? 0 : -1;
@@ -593,6 +591,7 @@ async function cancel() {
 
 // ---- result and gallery ---------------------------------------------------------------------------
 function showResult(item) {
+  item.seed = String(item.response.seed || 0);     // proto3 JSON leaves a zero seed out
   const url = "data:image/png;base64," + item.response.image;
   item.url = url;
   state.gallery.push(item);
@@ -600,13 +599,13 @@ function showResult(item) {
   const li = document.createElement("li");
   const thumb = document.createElement("img");
   thumb.src = url;
-  thumb.alt = `seed ${item.response.seed}: ${item.request.prompt}`;
+  thumb.alt = `seed ${item.seed}: ${item.request.prompt}`;
   const view = button("View", () => displayItem(item));
   const rerun = button("Re-run", () => { restore(item); $("count").value = 1; generate(); });
   rerun.className = "rerun";
   const dl = document.createElement("a");
   dl.href = url;
-  dl.download = `cones2-${item.response.seed}.png`;
+  dl.download = `cones2-${item.seed}.png`;
   dl.textContent = "PNG";
   li.append(thumb, view, rerun, dl);
   $("gallery").prepend(li);
@@ -616,11 +615,11 @@ function displayItem(item) {
   $("result-image").src = item.url;
   $("result-image").hidden = false;
   $("download").href = item.url;
-  $("download").download = `cones2-${item.response.seed}.png`;
+  $("download").download = `cones2-${item.seed}.png`;
   $("download").hidden = false;
   const meta = {request: Object.assign({}, item.request, item.request.layout && item.request.layout.color_map
     ? {layout: {color_map: {png: "(" + item.request.layout.color_map.png.length + " base64 chars)", entries: item.request.layout.color_map.entries}}} : {}),
-    seed: item.response.seed, model_id: item.response.modelId, backend: item.response.backend,
+    seed: item.seed, model_id: item.response.modelId, backend: item.response.backend,
     width: item.response.width, height: item.response.height, timings: item.response.timings};
   $("result-meta").textContent = JSON.stringify(meta, null, 2);
   state.shown = item;

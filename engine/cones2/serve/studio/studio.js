@@ -196,7 +196,7 @@ function renderSubjects() {
       el.type = "file"; el.accept = ".safetensors"; el.className = "upload";
       el.addEventListener("change", () => el.files[0] && upload(i, el.files[0]));
     });
-    const add = button(s.box ? "Reset box" : "Add box", () => { s.box = defaultBox(i); state.selected = i; render(); });
+    const add = button("Default box", () => { s.box = defaultBox(i); state.selected = i; render(); });
     const del = button("Remove", () => removeSubject(s.word));
     const err = document.createElement("p");
     err.className = "error";

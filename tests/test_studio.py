@@ -279,3 +279,36 @@ def test_token_protected_server_refuses_without_the_token(browser, tiny_engine, 
         assert generate_and_wait(page) == "done"
         assert page.evaluate("sessionStorage.getItem('cones2-token')") == "s3cret-token"
         assert page.evaluate("localStorage.length") == 0
+
+
+def test_colour_map_layout_and_gallery_rerun(browser, tiny_engine, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from serve_support import png_bytes
+
+    red, blue = (255, 0, 0), (0, 0, 255)
+    png = png_bytes({red: (slice(0, 32), slice(0, 32)), blue: (slice(32, 64), slice(16, 64))})
+    engine = RecordingEngine(tiny_engine)
+    with running_server(engine, tmp_path / "store") as server:
+        page = open_page(browser, server)
+        page.fill("#prompt", "a dog and a mug")
+        add_subject(page, "dog")
+        add_subject(page, "mug")
+        page.set_input_files("#colormap", {"name": "map.png", "mimeType": "image/png", "buffer": png})
+        page.locator('#colormap-entries label:has-text("#ff0000") select').select_option("dog")
+        page.locator('#colormap-entries label:has-text("#0000ff") select').select_option("mug")
+        set_fields(page, steps=1, guidance_steps=1, seed=11)
+        engine.requests.clear()
+        assert generate_and_wait(page) == "done"
+        page.locator("#gallery .rerun").click()            # the gallery's metadata runs it again
+        expect(page.locator("#gallery li")).to_have_count(2)
+        expect(page.locator("#status")).to_have_text("done")
+        first, again = engine.requests
+        for request in (first, again):
+            assert request.config.seed == 11 and set(request.layout.regions) == {"dog", "mug"}
+            for word, rgb in (("dog", red), ("mug", blue)):
+                mask = np.asarray(request.layout.regions[word].mask)
+                pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                assert mask.shape == pixels.shape[:2] and (mask == (pixels == rgb).all(-1)).all()
+        assert page.errors == []

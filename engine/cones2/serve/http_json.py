@@ -11,6 +11,7 @@ the standard library's ThreadingHTTPServer, over the same `Core` (auth, limits, 
     GET    /v1/info                 ServerInfo
     GET    /v1/health               {"status": "SERVING"} (200) or "NOT_SERVING" (503); no token needed
     GET    /metrics                 Prometheus text
+    GET    /, /studio/{file}        the studio page (static, no token needed; its calls need one)
     POST   /cones2.v1.Cones2Service/{Method}   the unary RPCs by their gRPC names (as on Ray Serve)
 
 Errors answer {"code": <gRPC status name>, "message": ...} with the HTTP status of `core.HTTP_STATUS`
@@ -33,6 +34,8 @@ from .auth import MESSAGE as AUTH_MESSAGE
 from .auth import Token
 from .core import DONE, HTTP_STATUS, UNARY, Core, TooLarge, status_of
 from .json_mapping import decode, encode, error_body, route
+from .studio_assets import HEADERS as STUDIO_HEADERS
+from .studio_assets import studio_asset
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,11 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
     def _dispatch(self) -> None:
+        if self.command == "GET" and (page := studio_asset(self.path)) is not None:   # the studio page
+            return self._send(200, page[0], STUDIO_HEADERS, content_type=page[1])
         found = route(self.command, self.path)
         if found is None:
+            self.close_connection = True     # its body is not read
             return self._send(404, error_body("NOT_FOUND", f"no route {self.command} {self.path.split('?')[0]}"))
         method, arg = found
         if method == "Health":
@@ -62,6 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200 if up else 503, json.dumps({"status": "SERVING" if up else "NOT_SERVING"}).encode())
         if not self.token.allows(self.headers.get("Authorization")):
             self.core.metrics.observe(method, "UNAUTHENTICATED", 0.0)
+            self.close_connection = True     # its body is not read: it must not prefix the next request
             return self._send(401, error_body("UNAUTHENTICATED", AUTH_MESSAGE), {"WWW-Authenticate": "Bearer"})
         if method == "Metrics":
             return self._send(200, self.core.metrics.text(), content_type="text/plain; version=0.0.4")

@@ -3,7 +3,7 @@
 `CaseMaker()` draws one `Case` from its `rng`: a malformed request of some kind (non-finite and
 beyond-float32 floats, wire-type-extreme ints, unknown enums, oversized prompts, names, positions
 and repeated fields, bad colour maps, bad residual bytes, random and undecodable bytes, missing
-tokens, messages over the transport limit) or a valid one. Sent by `cones2.serve.fuzz`.
+tokens, messages over the transport limit) or a valid one. Sent by `serve_fuzz` (bench/load.py --fuzz).
 """
 from __future__ import annotations
 

@@ -333,7 +333,8 @@ def test_residual_registered_through_one_replica_is_used_by_the_other(client, ti
                             **kw)
     resp, other = _until_other_replica(lambda: _generate(client, request), first)
     want = _direct(tiny_engine, "a star and a ring", {"star": star}, {"star": (0.0, 0.0, 0.5, 0.5)}, **kw)
-    assert other != first and (_latents(resp) - want).abs().max().item() <= 1e-5
+    bound = 1e-5 if resp.batch_size == 1 else 1e-4          # batched: float rounding (docs/serve.md)
+    assert other != first and (_latents(resp) - want).abs().max().item() <= bound
 
     def listed():
         r, c = client.stub.ListResiduals.with_call(pb.ListResidualsRequest(), timeout=60)
@@ -362,9 +363,10 @@ def _engine_replica_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-def _busy_replica(names: list[str], window: float = 0.3, timeout: float = 60.0) -> str:
+def _busy_replica(names: list[str], window: float = 1.0, timeout: float = 120.0) -> str:
     """The engine replica whose process is burning CPU (sampling a request) right now: the one with
-    the most CPU time over `window` seconds, once that is at least half the window."""
+    the most CPU time over `window` seconds, once that is a tenth of the window (a loaded machine
+    gives each process a small share of a core)."""
     import os
 
     import psutil
@@ -377,7 +379,7 @@ def _busy_replica(names: list[str], window: float = 0.3, timeout: float = 60.0) 
         time.sleep(window)
         used = {n: sum(p.cpu_times()[:2]) - before[n] for n, p in procs.items()}
         name = max(used, key=used.get)
-        if used[name] >= window / 2:
+        if used[name] >= window / 10:
             return name
     raise AssertionError(f"no engine replica was sampling within {timeout} s")
 
@@ -406,21 +408,24 @@ def _completed_in_replica_logs() -> collections.Counter:
 
 
 def test_killing_a_replica_under_load_loses_nothing(service, client, tiny_engine):
-    killed, victim = threading.Event(), []
+    killed, victim, errors = threading.Event(), [], []
 
     def kill_once(report) -> None:
         if sum(map(len, report.answers.values())) >= 4 and not killed.is_set():
             killed.set()
-            replicas = _engine_replica_actors()
-            assert len(replicas) == 2, replicas
-            victim.append(_busy_replica(replicas))
-            ray.kill(ray.get_actor(victim[0], namespace="serve"), no_restart=True)   # mid-flight: it was sampling
+            try:
+                replicas = _engine_replica_actors()
+                assert len(replicas) == 2, replicas
+                victim.append(_busy_replica(replicas))
+                ray.kill(ray.get_actor(victim[0], namespace="serve"), no_restart=True)   # mid-flight: sampling
+            except Exception as exc:  # noqa: BLE001 (raised below, in the test's thread)
+                errors.append(exc)
 
     report = acceptance.concurrent_clients_with_retries(
         lambda: GrpcTransport(service.grpc_address), clients=6, per_client=3, on_answer=kill_once,
         make=lambda rid: build_request("a dog and a mug", seed=rid, steps=KILL_STEPS, width=SIZE, height=SIZE,
                                        output="latents"))
-    assert killed.is_set()
+    assert killed.is_set() and not errors, errors
     completed = {rid: n for rid, n in _completed_in_replica_logs().items() if rid in report.expected}
     acceptance.check_nothing_lost(report, collections.Counter(completed), whole_record=False)
     print(f"\nkill: {len(report.answers)} requests answered once each; {len(report.retried)} retried after "

@@ -14,8 +14,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
     attention = ", ".join(backends.backend_names(backends.ATTENTION))
     runners = ", ".join(backends.backend_names(backends.RUNNER))
-    p.add_argument("--model", help="diffusers-layout SD checkpoint dir or hub id (default: the embedded model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--model", help="diffusers-layout SD checkpoint dir, hub id, or a single-file .safetensors/.ckpt "
+                   "(SD 1.x/2.x original layout; default: the embedded model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 elsewhere)")
     p.add_argument("--backend", default=None, metavar="NAME",
                    help=f"attention backend ({attention}) or UNet runner ({runners}); default: the best that "

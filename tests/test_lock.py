@@ -31,9 +31,10 @@ def _lock() -> dict[str, str]:
     return pins
 
 
-def _closure(project: str, extras: set[str]) -> dict[str, str]:
-    """Installed name -> version of everything `project[extras]` requires, followed through the
-    installed distributions' own metadata (markers evaluated for this interpreter)."""
+def _closure(project: str, extras: set[str]) -> dict[str, str | None]:
+    """Name -> installed version (None: not installed) of everything `project[extras]` requires,
+    followed through the installed distributions' own metadata (markers evaluated for this
+    interpreter)."""
     seen: dict[str, str] = {}
     todo = [(project, frozenset(extras))]
     done: set[tuple[str, frozenset]] = set()
@@ -42,7 +43,11 @@ def _closure(project: str, extras: set[str]) -> dict[str, str]:
         if (name, wanted) in done:
             continue
         done.add((name, wanted))
-        dist = md.distribution(name)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            seen[canonicalize_name(name)] = None        # required, not installed here
+            continue
         seen[canonicalize_name(name)] = dist.version
         for text in dist.requires or []:
             req = Requirement(text)

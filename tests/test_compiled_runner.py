@@ -3,8 +3,8 @@ it computes what the eager runner computes, and new prompts, residuals and layou
 
 Compiling the tiny UNet with inductor costs about a minute of C++ compilation per graph on a small CPU
 (seconds with a warm inductor cache), so the default suite checks tracing and recompilation at two
-shapes with dynamo's "aot_eager" backend, and inductor's code on one graph (64 px, batch 1); both
-graphs at both shapes with inductor, and every exact backend compiled, are `slow`. CUDA graphs are
+shapes with dynamo's "aot_eager" backend; inductor's code on one graph (64 px, batch 1), both graphs
+at both shapes with inductor, and every exact backend compiled are `slow`. CUDA graphs are
 checked on a GPU (`gpu` marker).
 """
 from __future__ import annotations
@@ -94,10 +94,14 @@ def test_traced_sdpa_equals_eager_and_never_recompiles(tiny_model_dir, tiny_engi
     _check_equal_and_no_recompiles(tiny_model_dir, tiny_engine)
 
 
+@pytest.mark.slow
 def test_inductor_guided_graph_equals_eager(tiny_model_dir, tiny_engine, tmp_path, monkeypatch):
-    """Inductor's generated code in `make test`, at the smallest cost that still covers it: one
-    graph (every step guided, so the unguided function is never compiled), 64 px, batch 1, in a
-    cold inductor cache. Equal to eager for three different requests, compiled once."""
+    """Inductor's generated code at the smallest cost that still covers it: one graph (every step
+    guided, so the unguided function is never compiled), 64 px, batch 1, in a cold inductor cache.
+    Equal to eager for three different requests, compiled once. `slow`, for a named reason: one cold
+    graph is 45-60 s of C++ compilation on the 2-core machine (this module's earlier measurement: 90 s
+    a pair), and `make test` now also pays the demo model's ONNX export (the `make demo` tests run
+    on the CPU default), which together exceed the suite's 1-2 min allowance for issue 28."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))    # cold, as in CI
     compiled = cones2.Engine.from_pretrained(tiny_model_dir, backend="sdpa", compile=True)
     assert compiled.runner().compiler == "inductor"

@@ -125,6 +125,9 @@ class _Noise:
     def next(self):
         return torch.randn(self.shape, generator=self.gen)
 
+    def draw(self, count):
+        return torch.stack([self.next() for _ in range(count)])
+
 
 def _hand_written(unet, schedule, G, coefs, cond, uncond, noise, cfg, prediction_type):
     """DPM-Solver++ 2M in lambda = -log(sigma) form, with SPEC 4's self-recurrence: a guided step is
@@ -237,3 +240,65 @@ def test_cli_fast_mode_uses_the_fast_defaults(tiny_model_dir, tmp_path):
     assert code == 0
     params = json.loads(Image.open(out).text["cones2"])
     assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 20, 12)
+
+
+# ---- issue 24 item 6: every draw taken before the loop, the same values as drawing per step ----------
+def _old_sample(runner, inputs, schedule, log_terms, prediction_type, seeds, shape):
+    """The sampler as it was before issue 24 (engine/cones2/sampler.py at 5fc0783), with its per-step
+    draws: torch.randn on a CPU generator, then a copy to the device, once per guided step."""
+    from cones2.solvers import make_solver
+
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw():
+        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32).to(inputs.cond.device) for g in gens])
+
+    R, dtype = inputs.cond.shape[0], inputs.cond.dtype
+    steps, G, sigmas = len(schedule.timesteps), len(log_terms), schedule.sigmas
+    embeddings = torch.cat([inputs.cond, inputs.uncond])
+    timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32)
+    cfg = inputs.cfg_scale[:, None, None, None]
+    weights = {n: torch.cat([w, torch.zeros_like(w)]) for n, w in inputs.weights.items()}
+    logs = torch.tensor(log_terms, dtype=torch.float32)
+    coefs = torch.cat([inputs.guidance_weight[None] * logs[:, None], torch.zeros(G, R)], dim=1)
+    rects = [Rectification(weights, coefs[i]) for i in range(G)]
+    x = draw() * sigmas[0]
+    solver = make_solver(schedule)
+
+    def denoise(i, x):
+        s = sigmas[i]
+        xin = (x / math.sqrt(s * s + 1)).to(dtype)
+        pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rects[i] if i < G else None).float()
+        e = pred[R:] + cfg * (pred[:R] - pred[R:])
+        if prediction_type == "v_prediction":
+            return e * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
+        return x - s * e
+
+    prev = None
+    for i in range(steps):
+        x0 = denoise(i, x)
+        x_next = solver.update(i, x, x0, prev)
+        if i < G:
+            x = x_next + math.sqrt(max(sigmas[i] ** 2 - sigmas[i + 1] ** 2, 0.0)) * draw()
+            x0 = denoise(i, x)
+            x_next = solver.update(i, x, x0, prev)
+        x, prev = x_next, x0
+    return x
+
+
+@pytest.mark.parametrize("mode,steps,G", [("paper-exact", 5, 3), ("paper-exact", 3, 3), ("fast", 5, 3)])
+def test_predrawn_noise_gives_bit_identical_latents(tiny_engine, mode, steps, G):
+    """Two requests in one loop (two noise streams), guided and unguided steps: the engine's latents
+    equal the old per-step-draw loop's bit for bit (torch.equal, no tolerance)."""
+    layout = cones2.Layout.from_boxes(LAYOUT)
+    reqs = [tiny_engine.request(PROMPT, None, layout, height=64, width=64, seed=seed, steps=steps,
+                                guidance_steps=G, mode=mode) for seed in (5, 9)]
+    ours = torch.cat([g.latents for g in tiny_engine.generate_batch(reqs, progress=False)])
+    runner = tiny_engine.runner()
+    inputs = tiny_engine._batch_inputs(reqs, [tiny_engine._prepare(r, runner) for r in reqs])
+    sc = tiny_engine.components.scheduler_config
+    schedule = make_schedule(mode, steps, sc["beta_start"], sc["beta_end"], sc["beta_schedule"],
+                             sc["num_train_timesteps"])
+    theirs = _old_sample(runner, inputs, schedule, guidance_log_terms(G), tiny_engine.prediction_type, (5, 9),
+                         (1, 4, 8, 8))
+    assert torch.equal(ours, theirs)

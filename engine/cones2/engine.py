@@ -29,6 +29,7 @@ from .loading import Components, load_components, parse_device, parse_dtype
 from .residual import Residual
 from .backends import ATTENTION, RUNNER, default_backends, select_backend
 from .runners import make_runner
+from .reuse import StepPlan
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
 from .tokens import SEQ_LEN, SubjectTokens, locate_subject, prompt_token_ids
@@ -69,7 +70,7 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one sampling loop."""
         c = self.config
-        return (c.height, c.width, c.steps, c.guidance_steps, c.mode)
+        return (c.height, c.width, c.steps, c.guidance_steps, c.mode, c.gate_step, c.cache_interval)
 
 
 @dataclass
@@ -288,7 +289,8 @@ class Engine:
                  seed: int = 0, steps: int | None = None, guidance_steps: int | None = None,
                  guidance_weight: float = 0.08, cfg_scale: float = 7.5, negative_weight: float = -1e8,
                  height: int | None = None, width: int | None = None, mode: str = "paper-exact",
-                 layout_resize: str = "aligned-corners", backend: str | None = None,
+                 layout_resize: str = "aligned-corners", gate_step: int | None = None,
+                 cache_interval: int | None = None, backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
@@ -298,13 +300,14 @@ class Engine:
         subject words. mode: "paper-exact" (SPEC 4) or "fast" (DPM-Solver++ 2M, docs/speed.md).
         steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 20
         steps, the first 60% guided). layout_resize: "aligned-corners" (SPEC 3) or "cell-centres"
-        (opt-in, for small latent grids; `SamplingConfig`).
+        (opt-in, for small latent grids; `SamplingConfig`). gate_step, cache_interval: fast mode's
+        work reuse (`SamplingConfig`, docs/speed.md).
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
         """
         req = self.request(prompt, subjects, layout, subject_positions=subject_positions, height=height, width=width,
                            seed=seed, steps=steps, guidance_steps=guidance_steps, guidance_weight=guidance_weight,
                            cfg_scale=cfg_scale, negative_weight=negative_weight, mode=mode,
-                           layout_resize=layout_resize)
+                           layout_resize=layout_resize, gate_step=gate_step, cache_interval=cache_interval)
         return self.generate_batch([req], backend=backend, progress=progress, on_step=on_step,
                                    should_stop=should_stop)[0]
 
@@ -333,7 +336,8 @@ class Engine:
             log_terms = guidance_log_terms(c0.guidance_steps)
             inputs = self._batch_inputs(requests, prepared)
         with clock("sampling"):
-            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, progress=progress,
+            plan = StepPlan.make(c0.steps, c0.guidance_steps, c0.gate_step, c0.cache_interval)
+            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, plan=plan, progress=progress,
                              on_step=on_step, should_stop=should_stop)
         with clock("decode"):
             pixels = runner.decode(latents) if hasattr(runner, "decode") else self.decode(latents)

@@ -27,6 +27,13 @@ class Mode:
     default_steps: int
     guidance_percent: int
     cpu_noise: bool
+    # fast-mode work reuse (cones2.reuse, docs/speed.md); the defaults here reuse nothing
+    gate_percent: int = 100      # first step of the conditional-only tail with cached cross-attention, % of N
+    cache_interval: int = 1      # unguided steps: a full UNet pass every this many, shallow ones between
+
+    def gate_step(self, steps: int) -> int:
+        """Default gate step for `steps` steps: ceil(gate_percent * steps / 100) (= steps: no tail)."""
+        return -(-steps * self.gate_percent // 100)
 
     def guidance_steps(self, steps: int) -> int:
         """Default G for `steps` steps: ceil(guidance_percent * steps / 100), in integers."""

@@ -28,10 +28,12 @@ LAYOUT = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
 def test_mode_defaults():
     assert SamplingConfig().steps == 50 and SamplingConfig().guidance_steps == 50
     fast = SamplingConfig(mode="fast")
-    assert (fast.steps, fast.guidance_steps) == (20, 12)                 # first 60% of 20 steps
-    assert SamplingConfig(mode="fast", steps=25).guidance_steps == 15
-    assert SamplingConfig(mode="fast", steps=16).guidance_steps == 10    # integer ceil of 9.6
+    assert (fast.steps, fast.guidance_steps, fast.gate_step, fast.cache_interval) == (12, 4, 6, 2)
+    assert SamplingConfig(mode="fast", steps=25).guidance_steps == 9     # integer ceil of 33% of 25 = 8.25
+    assert SamplingConfig(mode="fast", steps=20).guidance_steps == 7
+    assert SamplingConfig(mode="fast", steps=20).gate_step == 10
     assert SamplingConfig(mode="fast", steps=1).guidance_steps == 1
+    assert SamplingConfig(mode="paper-exact").gate_step == 50 and SamplingConfig().cache_interval == 1
     assert SamplingConfig(mode="fast", guidance_steps=0).guidance_steps == 0      # caller overrides
     assert SamplingConfig(mode="fast", steps=20, guidance_steps=99).guidance_steps == 20
     assert SamplingConfig(mode="paper-exact", steps=30).guidance_steps == 30
@@ -191,7 +193,7 @@ def test_guided_fast_is_deterministic_and_guided(tiny_engine):
     kw = dict(mode="fast", steps=5, height=64, width=64, progress=False)
     a = tiny_engine.generate(PROMPT, residual, layout, seed=11, **kw)
     b = tiny_engine.generate(PROMPT, residual, layout, seed=11, **kw)
-    assert a.request.config.guidance_steps == 3                             # ceil(60% of 5)
+    assert a.request.config.guidance_steps == 2                             # ceil(33% of 5)
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
     unguided = tiny_engine.generate(PROMPT, residual, layout, seed=11, guidance_steps=0, **kw)
     assert (a.latents - unguided.latents).abs().max() > 1e-3
@@ -205,10 +207,11 @@ def test_fast_defaults_through_the_api(tiny_engine, monkeypatch):
     monkeypatch.setattr(type(runner), "__call__", lambda self, *a: calls.append(a[3] is not None) or
                         torch.zeros_like(a[0]))
     layout = cones2.Layout.from_boxes(LAYOUT)
-    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", height=64, width=64, progress=False)
-    assert (result.request.config.steps, result.request.config.guidance_steps) == (20, 12)
-    assert len(calls) == 20 + 12 and calls.count(True) == 24                # 32 UNet calls, 24 of them guided
-    calls.clear()
+    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", gate_step=12, cache_interval=1, height=64,
+                                  width=64, progress=False)
+    assert (result.request.config.steps, result.request.config.guidance_steps) == (12, 4)
+    assert len(calls) == 12 + 4 and calls.count(True) == 8                  # without reuse: 16 CFG-pair calls
+    calls.clear()                                                           # (with it: tests/test_flops_calls.py)
     tiny_engine.generate(PROMPT, None, layout, height=64, width=64, progress=False)
     assert len(calls) == 100                                                # paper-exact: 50 steps, all guided
 
@@ -239,7 +242,7 @@ def test_cli_fast_mode_uses_the_fast_defaults(tiny_model_dir, tmp_path):
         torch.set_num_threads(threads)
     assert code == 0
     params = json.loads(Image.open(out).text["cones2"])
-    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 20, 12)
+    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 12, 4)
 
 
 # ---- issue 24 item 6: every draw taken before the loop, the same values as drawing per step ----------

@@ -47,10 +47,10 @@ class StepPlan:
         return i < self.gate
 
     def depth(self, i: int) -> str:
-        """FULL or SHALLOW pass at step i. The step before the gate is full (it records the
-        cross-attention the tail reuses), and so is the first step after the guided window and
-        the gate step (no features are kept across a change of branches)."""
-        if i < self.guided or i == self.gate - 1 or self.cache_interval == 1:
+        """FULL or SHALLOW pass at step i. The step before a tail is full (it records the
+        cross-attention the tail reuses), and so are the first step after the guided window and
+        the gate step (the kept features restart there)."""
+        if i < self.guided or self.records_cross_attention(i) or self.cache_interval == 1:
             return FULL
         start = self.gate if i >= self.gate else self.guided
         return FULL if (i - start) % self.cache_interval == 0 else SHALLOW

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .attention import Rectification
 from .errors import GenerationCancelled
 from .reuse import ReusingRunner, StepPlan
+from .runners import TorchUNetRunner
 from .schedule import Schedule
 from .solvers import make_solver
 
@@ -75,8 +76,9 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
 
     schedule: timesteps, sigmas (N + 1, the last 0) and the solver that steps along them.
     guidance_log_terms: log(1 + sigma_i^2) of SPEC 3 for the G guided steps (len = G).
-    plan: `fast` mode's work reuse (`cones2.reuse.StepPlan`); None or a plan that reuses nothing
-    runs every step as a full CFG call (paper-exact always does).
+    plan: `fast` mode's work reuse (`cones2.reuse.StepPlan`), applied with the eager PyTorch UNet
+    (`TorchUNetRunner`); None, a plan that reuses nothing, or any other runner: every step is a full
+    CFG call (paper-exact always is).
     """
     R = inputs.cond.shape[0]
     device, dtype = inputs.cond.device, inputs.cond.dtype
@@ -99,7 +101,10 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
     x = noise[0] * sigmas[0]
 
     solver = make_solver(schedule)
-    reuse = ReusingRunner(runner, R) if plan is not None and plan.reuses and hasattr(runner, "unet") else None
+    # work reuse runs on the eager PyTorch UNet; compiled and exported runners take every step in full
+    if plan is not None and not (plan.reuses and isinstance(runner, TorchUNetRunner)):
+        plan = None
+    reuse = ReusingRunner(runner, R) if plan is not None else None
 
     def denoise(i: int, x: torch.Tensor) -> torch.Tensor:
         """x0 predicted at step i from x (both CFG branches in one UNet call, or, in a reusing
@@ -107,10 +112,8 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
         s = sigmas[i]
         xin = (x / math.sqrt(s * s + 1)).to(dtype)
         rect = rectifications[i] if i < G else None
-        if reuse is None and (plan is None or plan.cfg(i)):
+        if reuse is None:
             pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rect).float()
-        elif reuse is None:                          # a UNet runner (onnxruntime, ...): no cache to replay
-            pred = runner(xin, timesteps[i], inputs.cond, None).float()
         elif plan.cfg(i):
             pred = reuse(torch.cat([xin, xin]), timesteps[i], embeddings, rect, cfg=True, depth=plan.depth(i),
                          record_cross=plan.records_cross_attention(i),

@@ -298,8 +298,8 @@ class Engine:
 
         subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
         subject words. mode: "paper-exact" (SPEC 4) or "fast" (DPM-Solver++ 2M, docs/speed.md).
-        steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 20
-        steps, the first 60% guided). layout_resize: "aligned-corners" (SPEC 3) or "cell-centres"
+        steps, guidance_steps: None = the mode's default (paper-exact: 50 steps, all guided; fast: 12
+        steps, the first 33% guided). layout_resize: "aligned-corners" (SPEC 3) or "cell-centres"
         (opt-in, for small latent grids; `SamplingConfig`). gate_step, cache_interval: fast mode's
         work reuse (`SamplingConfig`, docs/speed.md).
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.

@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--steps", type=int, default=None, help="default: 50 in paper-exact mode, 20 in fast mode; at most 1000")
     p.add_argument("--guidance-steps", type=int, default=None,
-                   help="default: all steps in paper-exact mode, the first 60%% in fast mode")
+                   help="default: all steps in paper-exact mode, the first 33%% in fast mode")
     p.add_argument("--guidance-weight", type=float, default=None, help="in [0, 10], default 0.08")
     p.add_argument("--cfg", type=float, default=None, help="in [0, 100], default 7.5")
     p.add_argument("--negative-weight", type=float, default=None, help="in [-1e9, 0], default -1e8")

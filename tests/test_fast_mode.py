@@ -95,7 +95,7 @@ def test_unguided_fast_equals_diffusers_dpmsolver_multistep(which, tiny_model_di
     model_dir, engine = (tiny_model_dir, tiny_engine) if which == "v" else (tiny_eps_model_dir, tiny_eps_engine)
     steps, seed, height, width, cfg = 12, 3, 64, 128, 7.5
     result = engine.generate(PROMPT, seed=seed, steps=steps, guidance_steps=0, mode="fast", height=height,
-                             width=width, cfg_scale=cfg, progress=False)
+                             width=width, cfg_scale=cfg, gate_step=steps, cache_interval=1, progress=False)
     # fast mode's noise: a per-request generator on the device (the CPU here), seeded with `seed`
     noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed))
     uncond = engine.encode([""]).float()
@@ -294,8 +294,9 @@ def test_predrawn_noise_gives_bit_identical_latents(tiny_engine, mode, steps, G)
     """Two requests in one loop (two noise streams), guided and unguided steps: the engine's latents
     equal the old per-step-draw loop's bit for bit (torch.equal, no tolerance)."""
     layout = cones2.Layout.from_boxes(LAYOUT)
+    no_reuse = dict(gate_step=steps, cache_interval=1) if mode == "fast" else {}   # the old loop had none
     reqs = [tiny_engine.request(PROMPT, None, layout, height=64, width=64, seed=seed, steps=steps,
-                                guidance_steps=G, mode=mode) for seed in (5, 9)]
+                                guidance_steps=G, mode=mode, **no_reuse) for seed in (5, 9)]
     ours = torch.cat([g.latents for g in tiny_engine.generate_batch(reqs, progress=False)])
     runner = tiny_engine.runner()
     inputs = tiny_engine._batch_inputs(reqs, [tiny_engine._prepare(r, runner) for r in reqs])

@@ -23,7 +23,7 @@ def test_step_plan_by_hand():
     assert [i for i in range(12) if plan.records_cross_attention(i)] == [5]
     assert [i for i in range(12) if plan.records_deep_features(i)] == [6, 8, 10]
     unguided_cache = StepPlan.make(8, 2, 8, 3)               # no tail; full every 3rd unguided step
-    assert [d for _, _, d in unguided_cache.unet_passes()[4:]] == [FULL, SHALLOW, SHALLOW, FULL, SHALLOW, FULL]
+    assert [d for _, _, d in unguided_cache.unet_passes()[4:]] == [FULL, SHALLOW, SHALLOW, FULL, SHALLOW, SHALLOW]
     assert not StepPlan.make(10, 10, 10, 1).reuses and StepPlan.make(10, 3, 0, 1).gate == 3   # gate >= G
 
 

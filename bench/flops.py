@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cones2.attention import Cones2AttnProcessor, Rectification
+from cones2.attention import Cones2AttnProcessor
 from cones2.config import SamplingConfig
 from cones2.random_model import random_components
 from cones2.reuse import StepPlan

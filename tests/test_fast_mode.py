@@ -28,10 +28,12 @@ LAYOUT = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
 def test_mode_defaults():
     assert SamplingConfig().steps == 50 and SamplingConfig().guidance_steps == 50
     fast = SamplingConfig(mode="fast")
-    assert (fast.steps, fast.guidance_steps) == (20, 12)                 # first 60% of 20 steps
-    assert SamplingConfig(mode="fast", steps=25).guidance_steps == 15
-    assert SamplingConfig(mode="fast", steps=16).guidance_steps == 10    # integer ceil of 9.6
+    assert (fast.steps, fast.guidance_steps, fast.gate_step, fast.cache_interval) == (12, 4, 6, 2)
+    assert SamplingConfig(mode="fast", steps=25).guidance_steps == 9     # integer ceil of 33% of 25 = 8.25
+    assert SamplingConfig(mode="fast", steps=20).guidance_steps == 7
+    assert SamplingConfig(mode="fast", steps=20).gate_step == 10
     assert SamplingConfig(mode="fast", steps=1).guidance_steps == 1
+    assert SamplingConfig(mode="paper-exact").gate_step == 50 and SamplingConfig().cache_interval == 1
     assert SamplingConfig(mode="fast", guidance_steps=0).guidance_steps == 0      # caller overrides
     assert SamplingConfig(mode="fast", steps=20, guidance_steps=99).guidance_steps == 20
     assert SamplingConfig(mode="paper-exact", steps=30).guidance_steps == 30
@@ -93,7 +95,7 @@ def test_unguided_fast_equals_diffusers_dpmsolver_multistep(which, tiny_model_di
     model_dir, engine = (tiny_model_dir, tiny_engine) if which == "v" else (tiny_eps_model_dir, tiny_eps_engine)
     steps, seed, height, width, cfg = 12, 3, 64, 128, 7.5
     result = engine.generate(PROMPT, seed=seed, steps=steps, guidance_steps=0, mode="fast", height=height,
-                             width=width, cfg_scale=cfg, progress=False)
+                             width=width, cfg_scale=cfg, gate_step=steps, cache_interval=1, progress=False)
     # fast mode's noise: a per-request generator on the device (the CPU here), seeded with `seed`
     noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed))
     uncond = engine.encode([""]).float()
@@ -124,6 +126,9 @@ class _Noise:
 
     def next(self):
         return torch.randn(self.shape, generator=self.gen)
+
+    def draw(self, count):
+        return torch.stack([self.next() for _ in range(count)])
 
 
 def _hand_written(unet, schedule, G, coefs, cond, uncond, noise, cfg, prediction_type):
@@ -188,7 +193,7 @@ def test_guided_fast_is_deterministic_and_guided(tiny_engine):
     kw = dict(mode="fast", steps=5, height=64, width=64, progress=False)
     a = tiny_engine.generate(PROMPT, residual, layout, seed=11, **kw)
     b = tiny_engine.generate(PROMPT, residual, layout, seed=11, **kw)
-    assert a.request.config.guidance_steps == 3                             # ceil(60% of 5)
+    assert a.request.config.guidance_steps == 2                             # ceil(33% of 5)
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
     unguided = tiny_engine.generate(PROMPT, residual, layout, seed=11, guidance_steps=0, **kw)
     assert (a.latents - unguided.latents).abs().max() > 1e-3
@@ -202,10 +207,11 @@ def test_fast_defaults_through_the_api(tiny_engine, monkeypatch):
     monkeypatch.setattr(type(runner), "__call__", lambda self, *a: calls.append(a[3] is not None) or
                         torch.zeros_like(a[0]))
     layout = cones2.Layout.from_boxes(LAYOUT)
-    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", height=64, width=64, progress=False)
-    assert (result.request.config.steps, result.request.config.guidance_steps) == (20, 12)
-    assert len(calls) == 20 + 12 and calls.count(True) == 24                # 32 UNet calls, 24 of them guided
-    calls.clear()
+    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", gate_step=12, cache_interval=1, height=64,
+                                  width=64, progress=False)
+    assert (result.request.config.steps, result.request.config.guidance_steps) == (12, 4)
+    assert len(calls) == 12 + 4 and calls.count(True) == 8                  # without reuse: 16 CFG-pair calls
+    calls.clear()                                                           # (with it: tests/test_flops_calls.py)
     tiny_engine.generate(PROMPT, None, layout, height=64, width=64, progress=False)
     assert len(calls) == 100                                                # paper-exact: 50 steps, all guided
 
@@ -236,4 +242,67 @@ def test_cli_fast_mode_uses_the_fast_defaults(tiny_model_dir, tmp_path):
         torch.set_num_threads(threads)
     assert code == 0
     params = json.loads(Image.open(out).text["cones2"])
-    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 20, 12)
+    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 12, 4)
+
+
+# ---- issue 24 item 6: every draw taken before the loop, the same values as drawing per step ----------
+def _old_sample(runner, inputs, schedule, log_terms, prediction_type, seeds, shape):
+    """The sampler as it was before issue 24 (engine/cones2/sampler.py at 5fc0783), with its per-step
+    draws: torch.randn on a CPU generator, then a copy to the device, once per guided step."""
+    from cones2.solvers import make_solver
+
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw():
+        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32).to(inputs.cond.device) for g in gens])
+
+    R, dtype = inputs.cond.shape[0], inputs.cond.dtype
+    steps, G, sigmas = len(schedule.timesteps), len(log_terms), schedule.sigmas
+    embeddings = torch.cat([inputs.cond, inputs.uncond])
+    timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32)
+    cfg = inputs.cfg_scale[:, None, None, None]
+    weights = {n: torch.cat([w, torch.zeros_like(w)]) for n, w in inputs.weights.items()}
+    logs = torch.tensor(log_terms, dtype=torch.float32)
+    coefs = torch.cat([inputs.guidance_weight[None] * logs[:, None], torch.zeros(G, R)], dim=1)
+    rects = [Rectification(weights, coefs[i]) for i in range(G)]
+    x = draw() * sigmas[0]
+    solver = make_solver(schedule)
+
+    def denoise(i, x):
+        s = sigmas[i]
+        xin = (x / math.sqrt(s * s + 1)).to(dtype)
+        pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rects[i] if i < G else None).float()
+        e = pred[R:] + cfg * (pred[:R] - pred[R:])
+        if prediction_type == "v_prediction":
+            return e * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
+        return x - s * e
+
+    prev = None
+    for i in range(steps):
+        x0 = denoise(i, x)
+        x_next = solver.update(i, x, x0, prev)
+        if i < G:
+            x = x_next + math.sqrt(max(sigmas[i] ** 2 - sigmas[i + 1] ** 2, 0.0)) * draw()
+            x0 = denoise(i, x)
+            x_next = solver.update(i, x, x0, prev)
+        x, prev = x_next, x0
+    return x
+
+
+@pytest.mark.parametrize("mode,steps,G", [("paper-exact", 5, 3), ("paper-exact", 3, 3), ("fast", 5, 3)])
+def test_predrawn_noise_gives_bit_identical_latents(tiny_engine, mode, steps, G):
+    """Two requests in one loop (two noise streams), guided and unguided steps: the engine's latents
+    equal the old per-step-draw loop's bit for bit (torch.equal, no tolerance)."""
+    layout = cones2.Layout.from_boxes(LAYOUT)
+    no_reuse = dict(gate_step=steps, cache_interval=1) if mode == "fast" else {}   # the old loop had none
+    reqs = [tiny_engine.request(PROMPT, None, layout, height=64, width=64, seed=seed, steps=steps,
+                                guidance_steps=G, mode=mode, **no_reuse) for seed in (5, 9)]
+    ours = torch.cat([g.latents for g in tiny_engine.generate_batch(reqs, progress=False)])
+    runner = tiny_engine.runner()
+    inputs = tiny_engine._batch_inputs(reqs, [tiny_engine._prepare(r, runner) for r in reqs])
+    sc = tiny_engine.components.scheduler_config
+    schedule = make_schedule(mode, steps, sc["beta_start"], sc["beta_end"], sc["beta_schedule"],
+                             sc["num_train_timesteps"])
+    theirs = _old_sample(runner, inputs, schedule, guidance_log_terms(G), tiny_engine.prediction_type, (5, 9),
+                         (1, 4, 8, 8))
+    assert torch.equal(ours, theirs)

@@ -20,9 +20,9 @@ MODES = mode_names()   # re-exported: the table is `cones2.modes`
 class SamplingConfig:
     """How to sample one image. Every number is checked to be finite and in its range:
 
-    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 20 fast).
+    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 12 fast).
     guidance_steps: G, steps that use layout guidance and self-recurrence (None = the mode's default:
-    all steps paper-exact, the first 60% fast; values above `steps` are clamped to `steps`, as the
+    all steps paper-exact, the first 33% fast; values above `steps` are clamped to `steps`, as the
     reference does). guidance_weight: g of SPEC 3, in [0, 10] (default 0.08). cfg_scale: classifier-free
     guidance scale, in [0, 100] (default 7.5). negative_weight: w- outside each subject's region,
     in [-1e9, 0] (default -1e8; any value <= -1e4 acts as a hard mask). height/width: output pixels,
@@ -32,6 +32,10 @@ class SamplingConfig:
     layout_resize: how the layout's maps reach each attention level: "aligned-corners" (SPEC 3, the
     default in every mode) or "cell-centres" (each latent cell takes the map at its own centre; an
     opt-in deviation for small latent grids, `cones2.limits.LAYOUT_RESIZES`, docs/layout.md).
+    gate_step, cache_interval: `fast` mode's work reuse (`cones2.reuse`, docs/speed.md): from step
+    gate_step on, the conditional branch alone with cached cross-attention (clamped to [G, steps]);
+    a full UNet pass every cache_interval unguided steps, shallow passes between (1 = off). None =
+    the mode's default; paper-exact takes neither.
     """
 
     height: int = 768
@@ -44,6 +48,8 @@ class SamplingConfig:
     seed: int = 0
     mode: str = DEFAULT_MODE
     layout_resize: str = "aligned-corners"
+    gate_step: int | None = None
+    cache_interval: int | None = None
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -58,6 +64,7 @@ class SamplingConfig:
         g = (mode.guidance_steps(self.steps) if self.guidance_steps is None
              else limits.integer(self.guidance_steps, "guidance_steps", 0, 10**6))
         put("guidance_steps", min(g, self.steps))
+        self._resolve_reuse(mode)
         for side in ("height", "width"):
             v = limits.integer(getattr(self, side), side, 64, MAX_SIDE)
             if v % 64:
@@ -67,3 +74,16 @@ class SamplingConfig:
         put("cfg_scale", limits.number(self.cfg_scale, "cfg_scale", limits.CFG_SCALE))
         put("negative_weight", limits.number(self.negative_weight, "negative_weight", limits.NEGATIVE_WEIGHT))
         put("seed", limits.integer(self.seed, "seed", 0, 2**63 - 1))
+
+    def _resolve_reuse(self, mode) -> None:
+        """gate_step / cache_interval: the mode's defaults, or the caller's values in `fast` mode only."""
+        if self.mode == "paper-exact":    # values that reuse nothing round-trip (dataclasses.replace, PNGs)
+            reuses = {"gate_step": self.gate_step is not None and self.gate_step < self.steps,
+                      "cache_interval": self.cache_interval not in (None, 1)}
+            for name in (n for n, bad in reuses.items() if bad):
+                raise Cones2Error("is a fast-mode setting; paper-exact computes every step in full", name)
+        gate = mode.gate_step(self.steps) if self.gate_step is None else limits.integer(
+            self.gate_step, "gate_step", 0, 10**6)
+        object.__setattr__(self, "gate_step", min(self.steps, max(gate, self.guidance_steps, 1)))
+        interval = mode.cache_interval if self.cache_interval is None else self.cache_interval
+        object.__setattr__(self, "cache_interval", limits.integer(interval, "cache_interval", 1, 1000))

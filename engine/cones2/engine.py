@@ -32,6 +32,7 @@ from .precision import default_dtype
 from .residual import Residual
 from .backends import ATTENTION, DEFAULT_ENV, RUNNER, default_backends, fallback, select_backend
 from .runners import make_runner
+from .reuse import StepPlan
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
 from .tokens import SEQ_LEN, SubjectTokens, locate_subject, prompt_token_ids
@@ -89,7 +90,7 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one sampling loop (config filled in: `Engine.resolve`)."""
         c = self.config or SamplingConfig()
-        return (c.height, c.width, c.steps, c.guidance_steps, c.mode)
+        return (c.height, c.width, c.steps, c.guidance_steps, c.mode, c.gate_step, c.cache_interval)
 
 
 @dataclass
@@ -366,7 +367,7 @@ class Engine:
                  guidance_steps: int | None = None, guidance_weight: float | None = None,
                  cfg_scale: float | None = None, negative_weight: float | None = None, height: int | None = None,
                  width: int | None = None, mode: str | None = None, layout_resize: str | None = None,
-                 backend: str | None = None,
+                 gate_step: int | None = None, cache_interval: int | None = None, backend: str | None = None,
                  subject_positions: Mapping[str, list[int]] | None = None, progress: bool = True,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
@@ -375,7 +376,8 @@ class Engine:
         subjects: word -> Residual, each word must occur in the prompt. layout: a `Layout` over
         subject words. The sampling settings are `SamplingConfig`'s fields; None (the default) means
         the config's default, written there once (seed 0, paper-exact, the mode's steps, ...), and
-        height/width None the model's resolution.
+        height/width None the model's resolution. gate_step, cache_interval: fast mode's work reuse
+        (`SamplingConfig`, docs/speed.md).
         on_step(i, n, latents) is called after each step; should_stop() is polled between UNet calls.
         negative_prompt: what the unconditional branch encodes ("" = SPEC 2's U = E(""), bit for bit).
         """
@@ -383,7 +385,7 @@ class Engine:
                            negative_prompt=negative_prompt,
                            seed=seed, steps=steps, guidance_steps=guidance_steps, guidance_weight=guidance_weight,
                            cfg_scale=cfg_scale, negative_weight=negative_weight, mode=mode,
-                           layout_resize=layout_resize)
+                           layout_resize=layout_resize, gate_step=gate_step, cache_interval=cache_interval)
         return self.generate_batch([req], backend=backend, progress=progress, on_step=on_step,
                                    should_stop=should_stop)[0]
 
@@ -413,7 +415,8 @@ class Engine:
             log_terms = guidance_log_terms(c0.guidance_steps)
             inputs = self._batch_inputs(requests, prepared)
         with clock("sampling"):
-            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, progress=progress,
+            plan = StepPlan.make(c0.steps, c0.guidance_steps, c0.gate_step, c0.cache_interval)
+            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, plan=plan, progress=progress,
                              on_step=on_step, should_stop=should_stop)
         with clock("decode"):
             pixels = runner.decode(latents) if hasattr(runner, "decode") else self.decode(latents)

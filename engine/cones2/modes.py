@@ -32,6 +32,13 @@ class Mode:
     cpu_noise: bool
     proto: str
     summary: str
+    # fast-mode work reuse (cones2.reuse, docs/speed.md); the defaults here reuse nothing
+    gate_percent: int = 100      # first step of the conditional-only tail with cached cross-attention, % of N
+    cache_interval: int = 1      # unguided steps: a full UNet pass every this many, shallow ones between
+
+    def gate_step(self, steps: int) -> int:
+        """Default gate step for `steps` steps: ceil(gate_percent * steps / 100) (= steps: no tail)."""
+        return -(-steps * self.gate_percent // 100)
 
     def guidance_steps(self, steps: int) -> int:
         """Default G for `steps` steps: ceil(guidance_percent * steps / 100), in integers."""
@@ -42,11 +49,16 @@ MODES: dict[str, Mode] = {
     "paper-exact": Mode("paper-exact", EULER, default_steps=50, guidance_percent=100, cpu_noise=True,
                         proto="SAMPLING_MODE_PAPER_EXACT",
                         summary="SPEC 4's Euler sampler, CPU noise stream, bit-exact against the reference"),
-    # 20 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 60% (12 of 20): 32 UNet calls
-    # of batch 2 instead of paper-exact's 100. 40% lost layout accuracy with 3 subjects (0.89 vs 0.97):
-    # bench/results/quality.md, docs/speed.md.
-    "fast": Mode("fast", DPMPP_2M, default_steps=20, guidance_percent=60, cpu_noise=False,
-                 proto="SAMPLING_MODE_FAST", summary="DPM-Solver++ 2M, noise drawn on the device (docs/speed.md)"),
+    # 12 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 4 (33%), both CFG branches up to
+    # step 5, then the conditional branch alone with cached cross-attention (gate 50%), deep features
+    # reused every other unguided step: 10 CFG-pair passes + 3 full and 3 shallow conditional-only ones,
+    # against paper-exact's 100 CFG-pair passes (bench/flops.py). Chosen on prompts 0-24, judged on
+    # 100-124: docs/speed.md, bench/results/fast_reuse/.
+    "fast": Mode("fast", DPMPP_2M, default_steps=12, guidance_percent=33, cpu_noise=False,
+                 proto="SAMPLING_MODE_FAST",
+                 summary="DPM-Solver++ 2M with work reuse (cached cross-attention tail, deep-feature reuse), "
+                         "noise drawn on the device (docs/speed.md)",
+                 gate_percent=50, cache_interval=2),
 }
 DEFAULT_MODE = "paper-exact"
 

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from .attention import Rectification
 from .errors import GenerationCancelled
+from .reuse import ReusingRunner, StepPlan
+from .runners import TorchUNetRunner
 from .schedule import Schedule
 from .solvers import make_solver
 
@@ -29,7 +31,11 @@ from .solvers import make_solver
 class NoiseStream:
     """Gaussian noise for one request in SPEC 4's order: the initial latents, then one draw per
     self-recurrence. `paper-exact` draws from a CPU generator seeded like `torch.manual_seed(seed)`;
-    `fast` draws from a generator on the device."""
+    `fast` draws from a generator on the device.
+
+    `draw(count)` takes all of a loop's draws before it starts, one `randn` call per draw in the
+    same order as drawing them step by step (same values), and moves them to the device in one
+    copy, so no sampling step waits on the host."""
 
     def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device, exact_cpu: bool):
         gen_device = torch.device("cpu") if exact_cpu else torch.device(device)
@@ -37,8 +43,13 @@ class NoiseStream:
         self.shape, self.gen_device, self.device = shape, gen_device, torch.device(device)
 
     def next(self) -> torch.Tensor:
-        noise = torch.randn(self.shape, generator=self.generator, device=self.gen_device, dtype=torch.float32)
-        return noise.to(self.device)
+        return self.draw(1)[0]
+
+    def draw(self, count: int) -> torch.Tensor:
+        """The next `count` draws, stacked: (count, *shape) float32 on the device."""
+        draws = [torch.randn(self.shape, generator=self.generator, device=self.gen_device, dtype=torch.float32)
+                 for _ in range(count)]
+        return torch.stack(draws).to(self.device)
 
 
 @dataclass
@@ -58,13 +69,16 @@ class BatchInputs:
 
 
 def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: list[float],
-           prediction_type: str, *, progress: bool = True,
+           prediction_type: str, *, plan: StepPlan | None = None, progress: bool = True,
            on_step: Callable[[int, int, torch.Tensor], None] | None = None,
            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Run the sampler and return the final latents (R, C, h, w) float32 (before VAE decoding).
 
     schedule: timesteps, sigmas (N + 1, the last 0) and the solver that steps along them.
     guidance_log_terms: log(1 + sigma_i^2) of SPEC 3 for the G guided steps (len = G).
+    plan: `fast` mode's work reuse (`cones2.reuse.StepPlan`), applied with the eager PyTorch UNet
+    (`TorchUNetRunner`); None, a plan that reuses nothing, or any other runner: every step is a full
+    CFG call (paper-exact always is).
     """
     R = inputs.cond.shape[0]
     device, dtype = inputs.cond.device, inputs.cond.dtype
@@ -82,17 +96,36 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
         coefs = torch.cat([inputs.guidance_weight.to(device)[None] * logs[:, None],
                            torch.zeros(G, R, device=device)], dim=1)                       # (G, 2R)
         rectifications = [Rectification(weights, coefs[i]) for i in range(G)]
-    x = torch.cat([n.next() for n in inputs.noise]) * sigmas[0]
+    # every draw of the loop, taken now: noise[0] the start, noise[1 + i] the re-noise of guided step i
+    noise = torch.cat([n.draw(1 + G) for n in inputs.noise], dim=1)                       # (1 + G, R, ...)
+    x = noise[0] * sigmas[0]
 
     solver = make_solver(schedule)
+    # work reuse runs on the eager PyTorch UNet; compiled and exported runners take every step in full
+    if plan is not None and not (plan.reuses and isinstance(runner, TorchUNetRunner)):
+        plan = None
+    reuse = ReusingRunner(runner, R) if plan is not None else None
 
     def denoise(i: int, x: torch.Tensor) -> torch.Tensor:
-        """x0 predicted at step i from x (both CFG branches in one UNet call)."""
+        """x0 predicted at step i from x (both CFG branches in one UNet call, or, in a reusing
+        plan's tail, the conditional branch alone)."""
         s = sigmas[i]
         xin = (x / math.sqrt(s * s + 1)).to(dtype)
-        pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rectifications[i] if i < G else None).float()
-        e_cond, e_uncond = pred[:R], pred[R:]
-        e = e_uncond + cfg * (e_cond - e_uncond)
+        rect = rectifications[i] if i < G else None
+        if reuse is None:
+            pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rect).float()
+        elif plan.cfg(i):
+            pred = reuse(torch.cat([xin, xin]), timesteps[i], embeddings, rect, cfg=True, depth=plan.depth(i),
+                         record_cross=plan.records_cross_attention(i),
+                         record_deep=plan.records_deep_features(i)).float()
+        else:
+            pred = reuse(xin, timesteps[i], inputs.cond, None, cfg=False, depth=plan.depth(i), record_cross=False,
+                         record_deep=plan.records_deep_features(i)).float()
+        if pred.shape[0] == 2 * R:
+            e_cond, e_uncond = pred[:R], pred[R:]
+            e = e_uncond + cfg * (e_cond - e_uncond)
+        else:
+            e = pred
         if prediction_type == "v_prediction":
             return e * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
         return x - s * e
@@ -105,7 +138,7 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
         x_next = solver.update(i, x, x0, prev_x0)
         if i < G:  # self-recurrence: re-noise to sigma_i and take step i again, with the same history
             renoise = math.sqrt(max(sigmas[i] ** 2 - sigmas[i + 1] ** 2, 0.0))
-            x = x_next + renoise * torch.cat([n.next() for n in inputs.noise])
+            x = x_next + renoise * noise[1 + i]
             if should_stop is not None and should_stop():
                 raise GenerationCancelled(f"stopped during step {i} of {steps}")
             x0 = denoise(i, x)

@@ -79,6 +79,12 @@ def register(sub) -> None:
     smp.add_argument("--guidance-weight", type=float, help="g of SPEC 3, in [0, 10] (default 0.08)")
     smp.add_argument("--cfg", type=float, help="classifier-free guidance scale, in [0, 100] (default 7.5)")
     smp.add_argument("--negative-weight", type=float, help="w- outside each region, in [-1e9, 0] (default -1e8)")
+    smp.add_argument("--gate-step", type=int, metavar="K",
+                     help="fast mode: from step K on, the conditional branch alone with cached cross-attention "
+                          "(default: half the steps; K = --steps turns it off; docs/speed.md)")
+    smp.add_argument("--cache-interval", type=int, metavar="N",
+                     help="fast mode: after the guided steps, a full UNet pass every N steps and shallow passes "
+                          "on reused deep features between (default 2; 1 turns it off; docs/speed.md)")
     smp.add_argument("--resolution", type=int, help="square output side, a multiple of 64 (default: the model's)")
     smp.add_argument("--height", type=int, help="output height, a multiple of 64 (default: the model's)")
     smp.add_argument("--width", type=int, help="output width, a multiple of 64 (default: the model's)")
@@ -231,7 +237,8 @@ def _outputs(args, plan: Plan) -> dict[int, dict[str, Path]]:
 def _flag_settings(args) -> dict:
     """SamplingConfig fields given as flags (the seed is handled per image)."""
     flags = (("steps", "steps"), ("guidance_steps", "guidance_steps"), ("guidance_weight", "guidance_weight"),
-             ("cfg", "cfg_scale"), ("negative_weight", "negative_weight"), ("layout_resize", "layout_resize"))
+             ("cfg", "cfg_scale"), ("negative_weight", "negative_weight"), ("layout_resize", "layout_resize"),
+             ("gate_step", "gate_step"), ("cache_interval", "cache_interval"))
     return {key: getattr(args, flag) for flag, key in flags if getattr(args, flag) is not None}
 
 

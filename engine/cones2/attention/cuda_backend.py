@@ -10,10 +10,10 @@ asking for this backend is one line naming that command. Opt-in (never a default
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..backends import ATTENTION, BASE_ATTENTION, BackendSpec, register
-from ..errors import Cones2Error
+from .fused import FusedKernelBackend
+
 
 def library_unavailable() -> str | None:
     """None when libcones2_rca.so loads here (no GPU needed for that), else why not and how to build it."""
@@ -34,28 +34,16 @@ def cuda_unavailable(device: torch.device) -> str | None:
     return library_unavailable()
 
 
-class CudaBackend:
+class CudaBackend(FusedKernelBackend):
     """Attention backend `cuda` (build it through `cones2.backends`, which checks it can run)."""
 
     name = "cuda"
 
-    def __init__(self):
+    @staticmethod
+    def kernel():
         from cones2.kernels import cuda_loader
-        from cones2.kernels.errors import KernelArgumentError
 
-        self._kernel = cuda_loader.rectified_cross_attention
-        self._argument_error = KernelArgumentError
-
-    def plain(self, q, k, v, scale):
-        """q: (B, H, N, d), k/v: (B, H, M, d) -> softmax(q k^T * scale) v via SDPA."""
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    def cross(self, q, k, v, weight, coef, scale):
-        """SPEC 3 rectified attention; weight (B, N, M) float32, coef (B,) float32."""
-        try:
-            return self._kernel(q, k, v, weight, coef, scale)
-        except self._argument_error as exc:   # bad input; a failed launch stays a KernelUnavailableError
-            raise Cones2Error(str(exc), "backend.cuda") from None
+        return cuda_loader.rectified_cross_attention
 
 
 register(BackendSpec("cuda", ATTENTION, CudaBackend,

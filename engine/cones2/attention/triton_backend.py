@@ -9,10 +9,9 @@ the seam where the kernels' own argument errors become the engine's `Cones2Error
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..backends import ATTENTION, BASE_ATTENTION, BackendSpec, missing_package, register
-from ..errors import Cones2Error
+from .fused import FusedKernelBackend
 
 
 def triton_unavailable(device: torch.device) -> str | None:
@@ -27,28 +26,16 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
-class TritonBackend:
+class TritonBackend(FusedKernelBackend):
     """Attention backend `triton` (build it through `cones2.backends`, which checks it can run)."""
 
     name = "triton"
 
-    def __init__(self):
-        from cones2.kernels.errors import KernelArgumentError
+    @staticmethod
+    def kernel():
         from cones2.kernels import triton_rectified
 
-        self._kernel = triton_rectified.rectified_cross_attention
-        self._argument_error = KernelArgumentError
-
-    def plain(self, q, k, v, scale):
-        """q: (B, H, N, d), k/v: (B, H, M, d) -> softmax(q k^T * scale) v via SDPA."""
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    def cross(self, q, k, v, weight, coef, scale):
-        """SPEC 3 rectified attention; weight (B, N, M) float32, coef (B,) float32."""
-        try:
-            return self._kernel(q, k, v, weight, coef, scale)
-        except self._argument_error as exc:
-            raise Cones2Error(str(exc), "backend.triton") from None
+        return triton_rectified.rectified_cross_attention
 
 
 register(BackendSpec("triton", ATTENTION, TritonBackend,

@@ -14,7 +14,7 @@ from ..errors import Cones2Error
 from ..limits import LAYOUT_RESIZES
 from ..outputs import output_file
 from .common import add_mode_flag, key_value, numbers
-from .seeds import choose_seeds, per_seed
+from .seeds import add_seed_flags, choose_seeds, per_seed
 
 
 def register(sub) -> None:
@@ -40,9 +40,7 @@ def register(sub) -> None:
     g.add_argument("--color-map", metavar="PNG", help="flat-colour layout image (instead of --box)")
     g.add_argument("--color", action="append", default=[], metavar="COLOR=NAME[:W]",
                    help="colour-map entry, e.g. '#ff0000=dog:2.5' or '255,0,0=dog'")
-    g.add_argument("--seed", metavar="SEEDS", help="a seed, a list (1,2,5) or a range (10-13); default 0")
-    g.add_argument("--num-images", type=int, metavar="N",
-                   help="images to make: with one --seed S, seeds S..S+N-1 (default: one per seed)")
+    add_seed_flags(g)
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance-steps", type=int)
     g.add_argument("--guidance-weight", type=float)

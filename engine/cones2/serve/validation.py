@@ -67,7 +67,8 @@ class ValidatedRequest:
 
 _FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_LATENTS: "latents"}
 # From the mode table (`cones2.modes`): each mode's wire name; UNSPECIFIED means the default (listed first).
-_MODES = {pb.SamplingMode.Value(get_mode(n).proto): n for n in mode_names()} | {pb.SAMPLING_MODE_UNSPECIFIED: mode_names()[0]}
+_MODES = {pb.SAMPLING_MODE_UNSPECIFIED: mode_names()[0]} | {pb.SamplingMode.Value(get_mode(n).proto): n
+                                                            for n in mode_names()}
 _RESIZES = {pb.LAYOUT_RESIZE_UNSPECIFIED: "aligned-corners", pb.LAYOUT_RESIZE_ALIGNED_CORNERS: "aligned-corners",
             pb.LAYOUT_RESIZE_CELL_CENTRES: "cell-centres"}
 

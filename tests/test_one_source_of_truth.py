@@ -220,3 +220,45 @@ def test_hard_mask_and_the_literal_formula_are_written_once():
             offenders += [f"{path.relative_to(REPO)}:{line}" for line in _hard_mask_definitions(path)]
     assert not offenders, offenders
     assert not (REPO / "kernels" / "__init__.py").exists()
+
+
+def test_ray_options_and_replica_dtype_come_from_the_registry(plugin_runner, monkeypatch):
+    """`serve --ray` with a device the head node may lack (no `checked` flags): every runner's flags reach
+    the replicas' EngineSpec through `backend_choice`, plugins included; a replica's dtype default is
+    `cones2.default_dtype` of its device."""
+    pytest.importorskip("ray")
+    from cones2.cli.serve import ray_options_from_args
+    from cones2.serve.ray import app
+
+    runners = [s for s in backends.specs(RUNNER) if any(o.flag for o in s.options)]
+    assert plugin_runner in runners and len(runners) >= 3             # onnxruntime, tensorrt, the plugin
+    for spec in runners:
+        flags = [a for o in spec.options if o.flag for a in (f"--{o.flag}", f"/{o.name}")]
+        args = _flags(["serve", "--ray", "--ray-grpc-every-interface", "--device", "cuda", "--port", "50051",
+                       "--backend", spec.name, *flags])
+        _, engine_spec = ray_options_from_args(args, "token", None)
+        assert engine_spec.backend == spec.name
+        assert engine_spec.backend_options == {o.name: f"/{o.name}" for o in spec.options if o.flag}
+    with pytest.raises(cones2.Cones2Error, match=r"^plugin-dir: is for --backend plugin-runner-test, not sdpa$"):
+        ray_options_from_args(_flags(["serve", "--ray", "--device", "cuda", "--port", "50051", "--backend", "sdpa",
+                                      "--plugin-dir", "/p"]), "token", None)
+
+    built = []
+    monkeypatch.setattr(app.Engine, "from_pretrained", lambda model, **kw: built.append(kw))
+    for device in ("cpu", "cuda", "cuda:1"):
+        app.EngineSpec(device=device).build()
+        assert built[-1]["dtype"] == cones2.default_dtype(device)
+
+
+def test_the_served_mode_names_come_from_the_mode_table():
+    """The service's wire mapping, the Python client and `client generate --mode` read the table."""
+    pb = pytest.importorskip("cones2.serve.cones2_pb2")
+    from cones2.serve.client import build_request
+    from cones2.serve.validation import _MODES
+
+    assert _MODES == {pb.SamplingMode.Value(MODES[n].proto): n for n in mode_names()} | \
+        {pb.SAMPLING_MODE_UNSPECIFIED: DEFAULT_MODE}
+    for name in mode_names():
+        assert _MODES[build_request("a dog", mode=name).mode] == name
+    modes = re.search(r"--mode\{([^}]*)\}", _help("client", "generate"))
+    assert modes and modes.group(1).split(",") == list(mode_names())

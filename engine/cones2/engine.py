@@ -391,11 +391,16 @@ class Engine:
 
     def generate_batch(self, requests: list[GenerationRequest], *, backend: str | None = None, progress: bool = True,
                        on_step: Callable[[int, int, torch.Tensor], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> list[Generation]:
+                       should_stop: Callable[[], bool] | None = None,
+                       located: list[list[SubjectTokens]] | None = None) -> list[Generation]:
         """Run compatible requests (same size, steps, guidance steps and mode) in one sampling loop;
-        each result equals what `generate` gives for that request alone (per-sample std and noise)."""
+        each result equals what `generate` gives for that request alone (per-sample std and noise).
+        located: what `check` returned for each request, when the caller checked them already (a
+        service does, before queueing): the prompts are then not searched for their subjects again."""
         if not requests:
             return []
+        if located is not None and len(located) != len(requests):
+            raise Cones2Error(f"{len(located)} token lists for {len(requests)} requests", "located")
         requests = [self.resolve(r) for r in requests]
         if len({r.batch_key() for r in requests}) != 1:
             raise Cones2Error("requests in one batch must share height, width, steps, guidance_steps and mode",
@@ -406,7 +411,8 @@ class Engine:
         clock = _Clock(self.device, timings)
 
         with clock("prepare"):
-            prepared = [self._prepare(r, runner) for r in requests]
+            prepared = [self._prepare(r, runner, None if located is None else located[i])
+                        for i, r in enumerate(requests)]
         with clock("schedule"):
             sched = self.components.scheduler_config
             schedule = make_schedule(c0.mode, c0.steps, sched.get("beta_start", 0.00085),
@@ -458,9 +464,13 @@ class Engine:
         with self._tokenizer_lock:
             return encode_prompts(self.text_encoder, self.tokenizer, prompts, encode_ids)
 
-    def _prepare(self, req: GenerationRequest, runner) -> _Prepared:
-        """Embeddings with residuals composed in, and the per-level weight maps, for one request."""
-        tokens = self._locate_subjects(req)   # `check` without the region raster: weight_maps does that
+    def _prepare(self, req: GenerationRequest, runner, located: list[SubjectTokens] | None = None) -> _Prepared:
+        """Embeddings with residuals composed in, and the per-level weight maps, for one request
+        (`located`: `check`'s answer for it, if already known)."""
+        if located is not None:
+            tokens = {t.name: t for t in located}
+        else:
+            tokens = self._locate_subjects(req)   # `check` without the region raster: weight_maps does that
         with self._tokenizer_lock:
             cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, req.negative_prompt],
                                           getattr(runner, "encode_ids", None))

@@ -13,7 +13,8 @@ from ..atomic import atomic_write
 from ..errors import Cones2Error
 from ..limits import LAYOUT_RESIZES
 from ..outputs import output_file
-from .common import key_value, numbers
+from .common import add_mode_flag, key_value, numbers
+from .seeds import add_seed_flags, choose_seeds, per_seed
 
 
 def register(sub) -> None:
@@ -29,6 +30,7 @@ def register(sub) -> None:
 
     g = actions.add_parser("generate", parents=[conn], help="generate an image and write it")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="", help="what classifier-free guidance steers away from")
     g.add_argument("--subject", action="append", default=[], metavar="NAME=FILE_OR_ID",
                    help="residual for a word: a local .safetensors/.pt file (sent inline) or a registered id")
     g.add_argument("--position", action="append", default=[], metavar="NAME=IDX[,IDX]",
@@ -38,7 +40,7 @@ def register(sub) -> None:
     g.add_argument("--color-map", metavar="PNG", help="flat-colour layout image (instead of --box)")
     g.add_argument("--color", action="append", default=[], metavar="COLOR=NAME[:W]",
                    help="colour-map entry, e.g. '#ff0000=dog:2.5' or '255,0,0=dog'")
-    g.add_argument("--seed", type=int)
+    add_seed_flags(g)
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance-steps", type=int)
     g.add_argument("--guidance-weight", type=float)
@@ -47,9 +49,10 @@ def register(sub) -> None:
     g.add_argument("--resolution", type=int, help="square output size")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
-    g.add_argument("--mode", choices=["paper-exact", "fast"])
+    add_mode_flag(g)
     g.add_argument("--layout-resize", choices=LAYOUT_RESIZES)
-    g.add_argument("--out", default="out.png", help="where to write: .png, or .safetensors for raw latents")
+    g.add_argument("--out", default="out.png",
+                   help="where to write: .png, or .safetensors for raw latents (with several seeds OUT-SEED.png)")
     g.add_argument("--stream", action="store_true", help="use GenerateStream and print progress")
     g.set_defaults(run=run_generate)
 
@@ -90,6 +93,7 @@ def run_generate(args) -> int:
 
     out = output_file(args.out, "out", (".png", ".safetensors"))   # checked before the server works
     output = {".png": "png", ".safetensors": "latents"}[out.suffix.lower()]
+    seeds = choose_seeds(args.seed, args.num_images)               # generate's rule: default 0
     if args.resolution and (args.width or args.height):
         raise Cones2Error("give --resolution or --width/--height, not both", "--resolution")
     subjects = dict(key_value(s, "--subject") for s in args.subject)
@@ -106,12 +110,14 @@ def run_generate(args) -> int:
         raise Cones2Error("--color-map needs at least one --color COLOR=NAME[:W]", "--color")
     request = build_request(
         args.prompt, subjects, boxes=boxes, strengths=strengths, subject_positions=positions,
-        color_map=args.color_map, color_table=table, seed=args.seed, steps=args.steps,
+        color_map=args.color_map, color_table=table, seed=seeds[0], steps=args.steps,
         guidance_steps=args.guidance_steps, guidance_weight=args.guidance_weight, cfg_scale=args.cfg,
         negative_weight=args.negative_weight, width=args.width or args.resolution,
-        height=args.height or args.resolution, mode=args.mode, layout_resize=args.layout_resize, output=output)
+        height=args.height or args.resolution, mode=args.mode, layout_resize=args.layout_resize, output=output,
+        negative_prompt=args.negative_prompt)
 
-    def go(client) -> int:
+    def one(client, seed: int) -> None:
+        request.seed = seed
         if args.stream:
             result = None
             for event in client.stub.GenerateStream(request, **client._kw(None)):
@@ -121,10 +127,15 @@ def run_generate(args) -> int:
                     result = GenerateResult.from_pb(event.result)
         else:
             result = client.generate_request(request)
-        atomic_write(out, result.png if output == "png" else result.latents_safetensors)
+        path = per_seed(out, seed, len(seeds) > 1)
+        atomic_write(path, result.png if output == "png" else result.latents_safetensors)
         t = result.timings
-        print(f"wrote {out}  (seed {result.seed}, {t.get('total', 0):.2f}s on the server, "
-              f"queued {t.get('queue', 0):.2f}s, batch of {result.batch_size})")
+        print(f"seed {result.seed}: wrote {path}  ({t.get('total', 0):.2f}s on the server, "
+              f"queued {t.get('queue', 0):.2f}s, batch of {result.batch_size})", flush=True)
+
+    def go(client) -> int:
+        for seed in seeds:
+            one(client, seed)
         return 0
 
     return _call(args, go)

@@ -24,7 +24,7 @@ from ..outputs import output_file
 from ..threads import configure_threads
 from .common import add_mode_flag, add_model_flags, add_threads_flag, check_model_flags, escape, key_value, load_engine, numbers
 from .feedback import Stopwatch, elapsed_bar, stage_times
-from .seeds import choose_seeds, per_seed
+from .seeds import add_seed_flags, choose_seeds, per_seed
 
 if TYPE_CHECKING:
     from ..engine import GenerationRequest
@@ -70,9 +70,7 @@ def register(sub) -> None:
                      help="how the layout reaches each attention level: aligned-corners (SPEC 3, the default) or "
                           "cell-centres (for subjects a few latent cells wide; docs/layout.md)")
     smp = p.add_argument_group("sampling")
-    smp.add_argument("--seed", metavar="SEEDS", help="a seed, a list (1,2,5) or a range (10-13); default 0")
-    smp.add_argument("--num-images", type=int, metavar="N",
-                     help="images to make: with one --seed S, seeds S..S+N-1 (default: one per seed)")
+    add_seed_flags(smp)
     smp.add_argument("--steps", type=int, help=escape(f"default: {steps_help()}; at most 1000"))
     smp.add_argument("--guidance-steps", type=int,
                      help=escape(f"steps with layout guidance, at most --steps (default: {guidance_steps_help()})"))

@@ -10,6 +10,13 @@ MAX_IMAGES = 1000
 MAX_SEED = 2**63 - 1
 
 
+def add_seed_flags(p) -> None:
+    """--seed and --num-images (`generate` and `client generate` share the rule: `choose_seeds`)."""
+    p.add_argument("--seed", metavar="SEEDS", help="a seed, a list (1,2,5) or a range (10-13); default 0")
+    p.add_argument("--num-images", type=int, metavar="N",
+                   help="images to make: with one --seed S, seeds S..S+N-1 (default: one per seed)")
+
+
 def parse_seeds(text: str) -> list[int]:
     """"5", "1,2,7" or "10-13" (inclusive), mixed freely ("0,4-6"); each seed in [0, 2**63 - 1]."""
     seeds: list[int] = []

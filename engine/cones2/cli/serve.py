@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import Cones2Error, quote
 from ..threads import configure_threads
-from .common import add_model_flags, add_threads_flag, check_model_flags, load_engine
+from .common import add_model_flags, add_threads_flag, backend_choice, check_model_flags, load_engine
 
 # Flags of the in-process server that have no meaning under Ray Serve: (attribute, default, why).
 _NOT_WITH_RAY = (("workers", 1, "use --replicas (one replica per GPU)"),
@@ -157,9 +157,9 @@ def ray_options_from_args(args, token: str | None, checked: dict | None):
         max_batch=args.max_batch, max_queue=args.max_queue, grpc_port=args.port, http_port=args.http_port,
         host=args.host, address=args.address, auth_token=token, grace_seconds=args.grace,
         max_message_bytes=args.max_message_bytes)
-    if checked is None:
-        backend_options = {k: v for k, v in (("onnx_dir", args.onnx), ("engine_dir", args.trt)) if v}
-        checked = {"device": args.device, "dtype": args.dtype, "backend": args.backend,
+    if checked is None:   # the head node may lack the replicas' device: the registry checks all but that
+        backend, backend_options = backend_choice(args)
+        checked = {"device": args.device, "dtype": args.dtype, "backend": backend,
                    "backend_options": backend_options, "compile": bool(getattr(args, "compile", False))}
     spec = EngineSpec(model=args.model, device=str(checked["device"]), dtype=checked["dtype"],
                       backend=checked["backend"], backend_options=dict(checked["backend_options"]),

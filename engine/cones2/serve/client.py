@@ -26,7 +26,7 @@ try:
 except ImportError as exc:  # pragma: no cover (depends on the install)
     raise ImportError("cones2.serve.client needs grpcio: pip install 'cones2-engine[serve]'") from exc
 
-from .. import Cones2Error, Residual
+from .. import Cones2Error, Residual, get_mode, mode_names
 from . import cones2_pb2 as pb
 from . import cones2_pb2_grpc as pb_grpc
 
@@ -86,14 +86,15 @@ def build_request(prompt: str, subjects: Mapping[str, SubjectValue] | None = Non
                   steps: int | None = None, guidance_steps: int | None = None, guidance_weight: float | None = None,
                   cfg_scale: float | None = None, negative_weight: float | None = None, width: int | None = None,
                   height: int | None = None, mode: str | None = None, layout_resize: str | None = None,
-                  output: str = "png", preview_every: int = 0) -> pb.GenerateRequest:
+                  output: str = "png", preview_every: int = 0, negative_prompt: str = "") -> pb.GenerateRequest:
     """A GenerateRequest from Python values (unset values take the server's defaults).
 
     subjects: word -> a `Residual`, safetensors bytes, a registered id, or a local residual file
     (read here, sent inline). boxes: word -> (x0, y0, x1, y1) in [0, 1]; strengths: word -> w+.
     color_map: PNG bytes or a local PNG path, with color_table: "r,g,b" or "#rrggbb" -> (word, strength).
+    negative_prompt: what classifier-free guidance steers away from ("" = none).
     """
-    req = pb.GenerateRequest(prompt=prompt, preview_every=preview_every)
+    req = pb.GenerateRequest(prompt=prompt, preview_every=preview_every, negative_prompt=negative_prompt)
     for name, value in (subjects or {}).items():
         s = req.subjects.add(name=name)
         if isinstance(value, str) and _ID.match(value) and not Path(value).exists():
@@ -118,10 +119,9 @@ def build_request(prompt: str, subjects: Mapping[str, SubjectValue] | None = Non
         if value is not None:
             setattr(req, key, value)
     if mode is not None:
-        modes = {"paper-exact": pb.SAMPLING_MODE_PAPER_EXACT, "fast": pb.SAMPLING_MODE_FAST}
-        if mode not in modes:
-            raise Cones2Error(f"must be one of {', '.join(modes)}, got {mode!r}", "mode")
-        req.mode = modes[mode]
+        if mode not in mode_names():
+            raise Cones2Error(f"must be one of {', '.join(mode_names())}, got {mode!r}", "mode")
+        req.mode = pb.SamplingMode.Value(get_mode(mode).proto)
     if layout_resize is not None:
         resizes = {"aligned-corners": pb.LAYOUT_RESIZE_ALIGNED_CORNERS, "cell-centres": pb.LAYOUT_RESIZE_CELL_CENTRES}
         if layout_resize not in resizes:

@@ -89,7 +89,7 @@ class Layout(_message.Message):
     def __init__(self, boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., color_map: _Optional[_Union[ColorMap, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "subjects", "layout", "seed", "steps", "guidance_steps", "guidance_weight", "cfg_scale", "negative_weight", "width", "height", "output_format", "mode", "preview_every", "layout_resize")
+    __slots__ = ("prompt", "subjects", "layout", "seed", "steps", "guidance_steps", "guidance_weight", "cfg_scale", "negative_weight", "width", "height", "output_format", "mode", "preview_every", "layout_resize", "negative_prompt")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class GenerateRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_RESIZE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     subjects: _containers.RepeatedCompositeFieldContainer[Subject]
     layout: Layout
@@ -120,7 +121,8 @@ class GenerateRequest(_message.Message):
     mode: SamplingMode
     preview_every: int
     layout_resize: LayoutResize
-    def __init__(self, prompt: _Optional[str] = ..., subjects: _Optional[_Iterable[_Union[Subject, _Mapping]]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_steps: _Optional[int] = ..., guidance_weight: _Optional[float] = ..., cfg_scale: _Optional[float] = ..., negative_weight: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., mode: _Optional[_Union[SamplingMode, str]] = ..., preview_every: _Optional[int] = ..., layout_resize: _Optional[_Union[LayoutResize, str]] = ...) -> None: ...
+    negative_prompt: str
+    def __init__(self, prompt: _Optional[str] = ..., subjects: _Optional[_Iterable[_Union[Subject, _Mapping]]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_steps: _Optional[int] = ..., guidance_weight: _Optional[float] = ..., cfg_scale: _Optional[float] = ..., negative_weight: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., mode: _Optional[_Union[SamplingMode, str]] = ..., preview_every: _Optional[int] = ..., layout_resize: _Optional[_Union[LayoutResize, str]] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("image", "latents", "seed", "timings", "engine_version", "model_id", "backend", "batch_size", "width", "height")

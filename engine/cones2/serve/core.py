@@ -13,6 +13,7 @@ cancelled member of a larger batch is answered at once while the others run on.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import queue
 import threading
@@ -112,6 +113,7 @@ class Job:
     def __init__(self, v: ValidatedRequest, *, deadline: float | None = None, stream: bool = False,
                  sink: Callable[[object], None] | None = None, request_id: str = ""):
         self.request: GenerationRequest = v.request
+        self.located = v.located
         self.output_format, self.preview_every, self.deadline = v.output_format, v.preview_every, deadline
         self.stream, self.request_id = stream, request_id
         self.events: queue.SimpleQueue | None = None
@@ -185,7 +187,8 @@ class Job:
             from safetensors.torch import save
 
             resp.latents = save({"latents": gen.latents.contiguous(), "cond_embeddings": gen.cond_embeddings.contiguous()},
-                                metadata={k: str(val) for k, val in gen.parameters().items()})
+                                metadata={k: val if isinstance(val, str) else json.dumps(val)
+                                          for k, val in gen.parameters().items()})
         else:
             resp.image = gen.png()
         return resp
@@ -378,8 +381,9 @@ class Worker(threading.Thread):
             for k, job in enumerate(batch):
                 job.progress(i + 1, n, latents[k])
 
+        located = None if any(j.located is None for j in batch) else [list(j.located) for j in batch]
         return self.engine.generate_batch([j.request for j in batch], progress=False, on_step=on_step,
-                                          should_stop=should_stop)
+                                          should_stop=should_stop, located=located)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from .. import Cones2Error, GenerationRequest, Layout, Residual, SamplingConfig
+from .. import Cones2Error, GenerationRequest, Layout, Residual, SamplingConfig, get_mode, mode_names
 from ..errors import quote
 from ..limits import MAX_LAYOUT_COLORS as MAX_COLOR_ENTRIES
 from ..limits import MAX_POSITIONS
@@ -62,11 +62,13 @@ class ValidatedRequest:
     request: GenerationRequest
     output_format: str         # "png" or "latents"
     preview_every: int
+    located: tuple | None = None   # `Engine.check`'s subject tokens: the worker does not search the prompt again
 
 
 _FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_LATENTS: "latents"}
-_MODES = {pb.SAMPLING_MODE_UNSPECIFIED: "paper-exact", pb.SAMPLING_MODE_PAPER_EXACT: "paper-exact",
-          pb.SAMPLING_MODE_FAST: "fast"}
+# From the mode table (`cones2.modes`): each mode's wire name; UNSPECIFIED means the default (listed first).
+_MODES = {pb.SAMPLING_MODE_UNSPECIFIED: mode_names()[0]} | {pb.SamplingMode.Value(get_mode(n).proto): n
+                                                            for n in mode_names()}
 _RESIZES = {pb.LAYOUT_RESIZE_UNSPECIFIED: "aligned-corners", pb.LAYOUT_RESIZE_ALIGNED_CORNERS: "aligned-corners",
             pb.LAYOUT_RESIZE_CELL_CENTRES: "cell-centres"}
 
@@ -88,11 +90,11 @@ def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limi
     names = set(subjects) | set(layout.names if layout else ())
     if len(names) > limits.max_subjects:
         raise Cones2Error(f"{len(names)} subjects; this server allows at most {limits.max_subjects}", "subjects")
-    # negative_prompt (issue 26): once `GenerationRequest` takes it, GenerateRequest gains the field and
-    # it is passed here; HTTP/JSON and Ray follow the proto, nothing else changes.
-    request = GenerationRequest(msg.prompt, subjects, layout, config, positions or None)  # checks the prompt
-    engine.check(request)
-    return ValidatedRequest(request, _FORMATS[msg.output_format], msg.preview_every)
+    # HTTP/JSON and Ray carry the same message (json_format mapping), so this is every transport's mapping.
+    request = GenerationRequest(msg.prompt, subjects, layout, config, positions or None,
+                                negative_prompt=msg.negative_prompt)  # checks both prompts
+    located = engine.check(request)
+    return ValidatedRequest(request, _FORMATS[msg.output_format], msg.preview_every, tuple(located))
 
 
 def _check_shape(msg: pb.GenerateRequest, limits: Limits) -> None:

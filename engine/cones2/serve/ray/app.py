@@ -20,7 +20,7 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from ... import Cones2Error, Engine, cache_root
+from ... import Cones2Error, Engine, cache_root, default_dtype
 from ..core import CoreOptions
 from ..validation import Limits
 from .deployment import Cones2Engine
@@ -59,7 +59,7 @@ class EngineSpec:
     warmup_batch_sizes: tuple = ()
 
     def build(self) -> Engine:
-        dtype = self.dtype or ("fp16" if self.device.startswith("cuda") else "fp32")
+        dtype = self.dtype or default_dtype(self.device)
         return Engine.from_pretrained(self.model, device=self.device, dtype=dtype, backend=self.backend,
                                       backend_options=dict(self.backend_options), compile=self.compile)
 

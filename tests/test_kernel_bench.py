@@ -111,8 +111,8 @@ class GraphBreakBackend(SdpaBackend):
         return super().plain(q, k, v, scale)
 
 
-register(BackendSpec("graph-break", ATTENTION, GraphBreakBackend, "test backend: breaks the graph"))
-cones2.compiled.TRACEABLE = cones2.compiled.TRACEABLE | {"graph-break"}   # traced, so dynamo meets the break
+register(BackendSpec("graph-break", ATTENTION, GraphBreakBackend, "test backend: breaks the graph",
+                     traceable=True))   # traced, so dynamo meets the break
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

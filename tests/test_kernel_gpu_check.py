@@ -51,7 +51,7 @@ def test_dry_run_runs_every_step_end_to_end(tmp_path):
     assert "cones2 from" in (out / "install.log").read_text() and "0 problems" in (out / "install.log").read_text()
     assert "/site/cones2/" in (out / "install.log").read_text()      # the installed wheel, not the source tree
     assert (out / "pip-freeze.txt").read_text().count("==") > 10
-    assert json.loads((out / "numerics.json").read_text())["ok"] is True
+    assert json.loads((out / "numerics.json").read_text())["payload"]["ok"] is True   # a results record
     compiled = json.loads((out / "latency_fast_compiled.json").read_text())
     assert compiled["meta"]["compile"] is True and compiled["meta"]["mode"] == "fast"
     assert compiled["meta"]["compile_s"]["sdpa"] > 0 and "compile_fallback" not in compiled["meta"]

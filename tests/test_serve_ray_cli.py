@@ -121,8 +121,10 @@ def test_a_replica_that_cannot_start_is_reported_in_one_line(tiny_model_dir, tmp
     except subprocess.TimeoutExpired:
         pass
     stderr = _stop(proc)
-    assert proc.returncode not in (0, None), stderr[-3000:]
-    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
-    assert last.startswith("cones2-engine serve: error: model: cannot load the UNet"), last
-    assert "unet" in last.lower() or "safetensors" in last.lower(), last
-    assert "kernels" not in last, last
+    assert proc.returncode == 2, stderr[-3000:]      # a Cones2Error: exit 2 with one line
+    # Ray forwards the replicas' own logs (their traces) to this terminal asynchronously, so the
+    # command's one line is not always the last: it is the one line the command itself prints.
+    ours = [ln for ln in stderr.splitlines() if ln.startswith("cones2-engine serve:")]
+    assert len(ours) == 1, stderr[-4000:]
+    assert ours[0].startswith("cones2-engine serve: error: model: cannot load the UNet"), ours[0]
+    assert "safetensors" in ours[0] and "kernels" not in ours[0], ours[0]

@@ -68,7 +68,7 @@ function errorTarget(err) {
   if (err.code === "UNAUTHENTICATED") return $("err-token");
   const field = (err.message.match(/^([\w.\[\]<>,#-]+):/) || [])[1] || "";
   const top = field.split(/[.\[]/)[0];
-  if (["prompt", "steps", "guidance_steps", "seed", "mode", "width", "height"].includes(field)) return $("err-" + field);
+  if (["prompt", "negative_prompt", "steps", "guidance_steps", "seed", "mode", "width", "height"].includes(field)) return $("err-" + field);
   let m = field.match(/^subjects\[(\d+)\]/);
   if (m && state.sent && state.sent[+m[1]]) return subjectErrorEl(state.sent[+m[1]]) || $("err-subjects");
   m = field.match(/^(?:subjects|subject_positions|layout\.boxes|layout\.strengths|layout)\.([^.\[]+)$/);
@@ -454,6 +454,7 @@ function buildRequest(seed) {
   state.sent = withResidual.map((s) => s.word);
   const req = {
     prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
     subjects: withResidual.map((s) => ({name: s.word, residual_id: s.residualId})),
     mode: $("mode").value,
     steps: intField("steps"),
@@ -480,6 +481,7 @@ function snapshot() {
 function restore(item) {
   const r = item.request;
   $("prompt").value = r.prompt;
+  $("negative_prompt").value = r.negative_prompt || "";
   $("mode").value = r.mode;
   for (const k of ["steps", "guidance_steps", "width", "height"]) $(k).value = r[k] === undefined ? "" : r[k];
   $("seed").value = item.seed;

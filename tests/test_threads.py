@@ -1,5 +1,6 @@
-"""`cones2.threads`: `--threads` values are checked, and the default rule takes the usable cores that no
-other process keeps busy at start (bench/results/threads.md), capped by torch's count; OMP_NUM_THREADS first."""
+"""`cones2.threads`: `--threads` values are checked, and the default rule fits the run queue at start (free
+cores; every core when evenly shared; one when oversubscribed; bench/results/threads.md), capped by torch's
+count; OMP_NUM_THREADS first."""
 from __future__ import annotations
 
 import pytest
@@ -42,21 +43,25 @@ def _machine(monkeypatch, *, usable: int, total: int, runnable):
 
 @pytest.mark.parametrize("usable,total,runnable,expected", [
     (2, 2, 1, 2),      # idle 2-core machine (only this process runnable): both cores
-    (2, 2, 2, 1),      # one other busy process: one thread
-    (2, 2, 3, 1),      # both cores busy: one thread, never zero
+    (2, 2, 2, 1),      # one other busy process: the free core only
+    (2, 2, 3, 2),      # two others, one per core: both again (evenly shared; measured 1.4x faster than 1)
+    (2, 2, 4, 1),      # three others on two cores: oversubscribed, one thread
+    (2, 2, 12, 1),     # heavy load: one thread
     (1, 1, 1, 1),
     (16, 16, 1, 8),    # idle many-core machine: torch's own choice caps it
-    (16, 16, 12, 5),   # 11 others busy: the 5 free cores
-    (2, 64, 33, 1),    # 2 of 64 cores ours, 32 others machine-wide: about one of ours is busy
+    (16, 16, 12, 5),   # 11 others on 16 cores: the 5 free ones
+    (16, 16, 17, 8),   # 16 others on 16 cores: every core, capped by torch's 8
+    (16, 16, 20, 1),   # 19 others on 16 cores: one thread
+    (2, 64, 97, 1),    # 2 of 64 cores ours, 96 others machine-wide: 3 per 2 of our cores
     (2, 64, 3, 2),     # 2 of 64 cores ours, 2 others machine-wide: ours are free
 ])
-def test_default_rule_uses_the_free_cores(monkeypatch, usable, total, runnable, expected):
+def test_default_rule_fits_the_run_queue(monkeypatch, usable, total, runnable, expected):
     _machine(monkeypatch, usable=usable, total=total, runnable=runnable)
     assert threads.configure_threads(None) == expected and torch.get_num_threads() == expected
 
 
 def test_a_momentary_spike_in_the_run_queue_is_ignored(monkeypatch):
-    _machine(monkeypatch, usable=2, total=2, runnable=[1, 6, 1, 1, 1])
+    _machine(monkeypatch, usable=2, total=2, runnable=[1, 9, 1, 1, 1])
     assert threads.default_threads() == 2
     _machine(monkeypatch, usable=2, total=2, runnable=[2, 1, 2, 2, 1])
     assert threads.default_threads() == 1

@@ -52,13 +52,14 @@ def _trt_unavailable(device: torch.device) -> str | None:
     return None
 
 
-# The CPU default (above sdpa's 10): measured in whole processes on the 768-px case, 1.73x sdpa per
-# generation (1.58x per process), and 2.67x on the demo model, with the same latents within float
-# rounding (docs/speed.md section 4). Without onnx_dir it exports once into the cache, attention fused.
+# Not a default anywhere since issue 29: at the thread rule's count, sdpa was as fast or faster per
+# process idle and beside busy cores (bench/results/threads.md), with no first-run export and with
+# fast mode's work reuse. Named (`--backend onnxruntime`) without onnx_dir, it exports once into the
+# cache with attention fused (docs/speed.md section 4).
 register(BackendSpec("onnxruntime", RUNNER, _ort_runner,
                      "the exported ONNX graphs (UNet, text encoder, VAE decoder) in ONNX Runtime; onnx_dir, "
                      "or an export made on first use and cached per model",
-                     unavailable=_ort_unavailable, default_on=("cpu",), priority=15, fallback=BASE_ATTENTION,
+                     unavailable=_ort_unavailable, fallback=BASE_ATTENTION,
                      options=(BackendOption("onnx_dir", "onnx", "exported ONNX directory (default: the export "
                                             "cached per model)", selects=True, made_by="cones2-engine export onnx"),
                               BackendOption("providers", "", "ONNX Runtime execution providers (API only)"))))

@@ -1,7 +1,7 @@
 """The ONNX export the `onnxruntime` runner uses when it is given no `onnx_dir`: made from the loaded
 engine on first use and kept in `cones2.cache_root()/onnx/`, one folder per model content.
 
-This is what makes ONNX Runtime the CPU default (docs/speed.md section 4): the first engine of a model
+`--backend onnxruntime` without `--onnx` runs on it (docs/speed.md section 4): the first engine of a model
 pays one export (about 45 s for the demo model, minutes for SD 2.1), every later process loads the
 graphs. The folder's key hashes the weights themselves (not a path or a config), the project and
 torch versions and the opset, so a retrained or edited checkpoint never meets a stale graph. A file

@@ -90,7 +90,7 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fl
     onnx_manifest = read_manifest(onnx_dir, "onnx")
     if onnx_manifest.get("onnxruntime_only"):
         raise Cones2Error(f"{onnx_dir} holds graphs fused for ONNX Runtime (com.microsoft ops TensorRT cannot "
-                          "parse), like the CPU default's cached export; build from `cones2-engine export onnx`", "onnx")
+                          "parse), like `onnxruntime`'s cached export; build from `cones2-engine export onnx`", "onnx")
     model_facts = facts(onnx_manifest)
     static = tuple(onnx_manifest["static_shape"]) if onnx_manifest.get("static_shape") else None
     d_low, d_opt, d_high = default_profile(model_facts, static)

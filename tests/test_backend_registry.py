@@ -20,22 +20,24 @@ def test_both_kinds_are_registered_under_one_namespace():
     # found through the `cones2.backends` entry point of the installed distribution, not named by the core
     assert kinds["onnxruntime"] == RUNNER and kinds["tensorrt"] == RUNNER
     assert backends.get_spec("tensorrt").needs == ("engine_dir",)
-    assert backends.get_spec("onnxruntime").default_on == ("cpu",)   # its export is cached on first use
+    assert backends.get_spec("onnxruntime").default_on == ()   # opt-in since issue 29 (docs/speed.md section 4)
 
 
-def test_cpu_default_is_onnxruntime_then_sdpa_and_the_choice_is_logged(caplog, monkeypatch):
+def test_cpu_default_is_sdpa_and_the_choice_is_logged(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make triton runnable
     monkeypatch.delenv("CONES2_BACKEND", raising=False)     # the suite pins it (conftest)
     with caplog.at_level(logging.INFO, logger="cones2.backends"):
         name, reason = cones2.select_backend("cpu")
-    assert (name, reason) == ("onnxruntime", "default on cpu")
-    assert "backend onnxruntime: default on cpu" in caplog.text
-    assert [n for n, _ in backends.default_backends("cpu")] == ["onnxruntime", "sdpa"]
+    assert (name, reason) == ("sdpa", "default on cpu")
+    assert "backend sdpa: default on cpu" in caplog.text
+    assert [n for n, _ in backends.default_backends("cpu")] == ["sdpa"]
     assert backends.default_backends("cpu", (ATTENTION,)) == [("sdpa", "default on cpu")]   # what --compile takes
     import dataclasses
 
-    hidden = dataclasses.replace(backends.get_spec("onnxruntime"), unavailable=lambda device: "no onnx here")
-    monkeypatch.setitem(backends._SPECS, "onnxruntime", hidden)
+    # a higher-priority default that cannot run here is passed over, and the reason says so
+    preferred = dataclasses.replace(backends.get_spec("onnxruntime"), default_on=("cpu",), priority=15,
+                                    unavailable=lambda device: "no onnx here")
+    monkeypatch.setitem(backends._SPECS, "onnxruntime", preferred)
     assert cones2.select_backend("cpu") == ("sdpa", "default on cpu (passed over onnxruntime: no onnx here)")
 
 

@@ -1,11 +1,14 @@
-"""The CPU default: ONNX Runtime on an export made on first use and cached per model (issue 11).
+"""The CPU default (`sdpa` since issue 29) and `onnxruntime`'s export, made on first use and cached per
+model when it is named without `onnx_dir`.
 
 Its numerics against the independent SPEC reference are in tests/test_engine_vs_reference.py (the
-`onnxruntime` rows); here: that it is the default, that the export is made once and found again,
-that the cache key follows the weights, and that a default which cannot start gives way to `sdpa`.
+`onnxruntime` rows); here: that the default exports nothing, that a named `onnxruntime` exports once
+and finds it again, that the cache key follows the weights, and that a default which cannot start
+gives way to its fallback.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -17,6 +20,7 @@ from ci_support import import_or_skip
 import_or_skip("onnxruntime", "the CPU default needs the export extra")
 import_or_skip("onnxscript", "the CPU default needs the export extra")
 
+from cones2 import backends  # noqa: E402
 from cones2.export import cache  # noqa: E402
 
 
@@ -40,9 +44,19 @@ def _count_exports(monkeypatch) -> list:
     return calls
 
 
-def test_default_is_onnxruntime_exported_once_and_found_again(unpinned, tiny_model_dir, monkeypatch, caplog):
-    first = cones2.Engine.from_pretrained(tiny_model_dir)
-    assert (first.default_backend, first.backend_reason) == ("onnxruntime", "default on cpu")
+def test_the_cpu_default_is_sdpa_and_exports_nothing(unpinned, tiny_model_dir, monkeypatch):
+    def cached() -> set:
+        return set((cones2.cache_root() / "onnx").glob("*"))
+
+    calls, before = _count_exports(monkeypatch), cached()
+    engine = cones2.Engine.from_pretrained(tiny_model_dir)
+    assert (engine.default_backend, engine.backend_reason) == ("sdpa", "default on cpu")
+    assert calls == [] and cached() == before
+
+
+def test_onnxruntime_exports_once_and_finds_it_again(tiny_model_dir, monkeypatch, caplog):
+    first = cones2.Engine.from_pretrained(tiny_model_dir, backend="onnxruntime")
+    assert (first.default_backend, first.backend_reason) == ("onnxruntime", "requested")
     folder = cache.cached_export_dir(first)
     assert (folder / "manifest.json").is_file() and folder.parent == cones2.cache_root() / "onnx"
     # the UNet's plain attention is fused into ONNX Runtime's MultiHeadAttention; TensorRT refuses it
@@ -62,7 +76,7 @@ def test_default_is_onnxruntime_exported_once_and_found_again(unpinned, tiny_mod
     calls = _count_exports(monkeypatch)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        second = cones2.Engine.from_pretrained(tiny_model_dir)
+        second = cones2.Engine.from_pretrained(tiny_model_dir, backend="onnxruntime")
     assert second.default_backend == "onnxruntime" and calls == []          # the cached graphs, no export
     assert "exporting" not in caplog.text
 
@@ -89,6 +103,9 @@ def test_a_default_that_cannot_start_gives_way_to_sdpa(unpinned, tiny_model_dir,
     def broken(engine, progress=None):
         raise RuntimeError("exporter crashed\nlong trace")
 
+    # onnxruntime made the CPU default again (as it was before issue 29), its export failing
+    preferred = dataclasses.replace(backends.get_spec("onnxruntime"), default_on=("cpu",), priority=15)
+    monkeypatch.setitem(backends._SPECS, "onnxruntime", preferred)
     monkeypatch.setattr(cache, "ensure_cached_export", broken)
     with caplog.at_level(logging.WARNING, logger="cones2.engine"):
         engine = cones2.Engine.from_pretrained(tiny_model_dir)
@@ -118,7 +135,7 @@ def test_two_processes_starting_at_once_export_once(tiny_model_dir, tmp_path):
 
     code = ("import logging, sys, cones2; logging.basicConfig(level=logging.WARNING); "
             "e = cones2.Engine.from_pretrained(sys.argv[1]); print('backend', e.default_backend)")
-    env = {k: v for k, v in os.environ.items() if k != "CONES2_BACKEND"} | {"CONES2_CACHE": str(tmp_path)}
+    env = os.environ | {"CONES2_BACKEND": "onnxruntime", "CONES2_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -18,6 +18,21 @@ def test_safetensors_round_trip(tmp_path):
     assert (back.word, back.token_ids, back.base_model, back.metadata["steps"]) == ("teddybear", (25758, 4298), "tiny@abc", "10")
 
 
+def test_equal_residuals_serialise_to_equal_bytes(tmp_path):
+    """The sha256 recorded in every image names the residual's content, so equal residuals must give
+    equal bytes however often they are written and whatever order their metadata was given in
+    (safetensors itself writes the header in a random order)."""
+    embedding = torch.randn(2, 32)
+    keys = [f"key{i}" for i in range(8)]
+    a = cones2.Residual(embedding, word="dog", metadata={k: k.upper() for k in keys})
+    b = cones2.Residual(embedding.clone(), word="dog", metadata={k: k.upper() for k in reversed(keys)})
+    forms = {a.to_safetensors_bytes() for _ in range(10)} | {b.to_safetensors_bytes()}
+    assert len(forms) == 1
+    assert a.sha256 == b.sha256 == cones2.Residual.load(a.save(tmp_path / "dog.safetensors")).sha256
+    back = cones2.Residual.from_safetensors_bytes(forms.pop())
+    assert torch.equal(back.embedding, embedding) and back.metadata == a.metadata
+
+
 def test_a_subject_is_about_5_kb_at_sd_2_width(tmp_path):
     """SPEC 5's "about 5 KB per subject" at the width it is about (SD 2.x, D = 1024), for a one-token
     word, with the metadata a training run writes (its keys and value lengths: cones2_train/trainer.py)."""

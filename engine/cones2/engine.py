@@ -143,8 +143,8 @@ class Engine:
     Build with `Engine.from_pretrained`. `backend` picks how the UNet runs (`cones2.backends`):
     an attention backend inside the PyTorch UNet (`reference`, `sdpa`, `triton`) or a UNet runner
     that replaces it (`onnxruntime`, `tensorrt`); None picks the best one that runs on `device`
-    (`$CONES2_BACKEND` pins it): on CUDA `triton`, on the CPU `onnxruntime` when the export extra
-    is installed (its export is made on first use and cached per model), else `sdpa`.
+    (`$CONES2_BACKEND` pins it): on CUDA `triton`, on the CPU `sdpa`. `onnxruntime` named without
+    `onnx_dir` makes its export on first use and caches it per model.
     `backend_options` go to UNet runners (e.g. `onnx_dir`). `backend_reason` says why it was chosen.
     `compile=True` runs the PyTorch UNet through torch.compile (`cones2.compiled`: CUDA graphs on
     CUDA; the default is then the best attention backend); `warmup` compiles the graphs of given

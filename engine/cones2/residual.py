@@ -124,9 +124,11 @@ class Residual:
             raise Cones2Error(str(exc), name) from None
 
     def to_safetensors_bytes(self) -> bytes:
+        """The safetensors form, byte for byte the same for equal residuals (so its sha256 names the
+        content): safetensors writes the header's keys in a random order, so the header is re-sorted."""
         from safetensors.torch import save
 
-        return save({TENSOR_KEY: self.embedding.contiguous()}, metadata=self._metadata())
+        return _sorted_header(save({TENSOR_KEY: self.embedding.contiguous()}, metadata=self._metadata()))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the safetensors form atomically (`cones2.atomic`): a crash never leaves half a file,
@@ -181,6 +183,15 @@ def _load_legacy(path: Path, name: str) -> torch.Tensor:
         return _validated_tensor(obj, name)
     except Cones2Error as exc:
         raise Cones2Error(f"{path.name}: {exc}") from None
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its JSON header written with sorted keys, padded with spaces
+    to the 8-byte alignment the format keeps; the tensor bytes are untouched."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + header_len]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + header_len :]
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

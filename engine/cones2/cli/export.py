@@ -21,7 +21,7 @@ def register(sub) -> None:
     o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
     o.add_argument("--ort-fusions", action="store_true",
                    help="fuse the UNet's attention for ONNX Runtime (faster there; TensorRT then refuses the "
-                        "graphs); the CPU default's cached export is made this way")
+                        "graphs); `onnxruntime`'s cached export is made this way")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     o.set_defaults(run=run_onnx)

@@ -19,6 +19,8 @@ from ..auth import MESSAGE as AUTH_MESSAGE
 from ..auth import Token
 from ..core import HTTP_STATUS, status_of
 from ..handlers import Undecodable
+from ..studio_assets import HEADERS as STUDIO_HEADERS
+from ..studio_assets import studio_asset
 from .deployment import REPLICA_METADATA, SERVICE_NAME, Reply
 
 log = logging.getLogger(__name__)
@@ -51,16 +53,20 @@ class Cones2Ingress:
                                               else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def __call__(self, request):
-        """HTTP/JSON through Ray Serve's HTTP proxy: the routes of `cones2.serve.http_json` (not
-        cancel-by-id nor /metrics: close the stream to cancel; Ray exports its own metrics)."""
+        """HTTP/JSON through Ray Serve's HTTP proxy: the routes of `cones2.serve.http_json` and the
+        studio page (not cancel-by-id nor /metrics: close the stream to cancel; Ray exports its own
+        metrics)."""
         from starlette.responses import Response, StreamingResponse
 
         from ..json_mapping import decode, encode, error_body, route
 
         def error(reply: Reply) -> Response:
+            retry = {"Retry-After": "1"} if reply.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else {}
             return Response(error_body(reply.code, reply.details), HTTP_STATUS.get(reply.code, 500),
-                            media_type="application/json", headers={REPLICA_METADATA: reply.replica})
+                            media_type="application/json", headers={REPLICA_METADATA: reply.replica} | retry)
 
+        if request.method == "GET" and (page := studio_asset(request.url.path)) is not None:   # the studio page
+            return Response(page[0], media_type=page[1], headers=STUDIO_HEADERS)
         found = route(request.method, request.url.path)
         if found is None or found[0] in ("Cancel", "Metrics"):
             return error(Reply(None, "NOT_FOUND", f"no route {request.method} {request.url.path} on Ray Serve"))

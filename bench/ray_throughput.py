@@ -4,8 +4,8 @@ Starts one local Ray instance (`--num-cpus`, default: every core), Serve's gRPC 
 and for each `--replicas` value deploys the application (CPU replicas reserving `--replica-cpus`
 each; the embedded demo model unless `--model`), warms it up, then runs `--clients` closed-loop
 client threads for `--duration` seconds with the same request stream (same prompts, boxes, seeds,
-steps and size). Reports completed requests per second, latency percentiles, the batch sizes Ray
-Serve's `@serve.batch` formed, how the requests spread over the replicas, and errors (any error
+steps and size). Reports completed requests per second, latency percentiles, the batch sizes
+each replica's serving core formed, how the requests spread over the replicas, and errors (any error
 fails the run: exit 1). Writes a results record (`--json`, bench/harness/results.py: command, git
 revision, machine with its load average, settings, payload). Bounded: it stops by itself.
 

@@ -6,7 +6,8 @@ the acceptance suite (tests/serve_acceptance.py: the seeded fuzz run over gRPC a
 registered through one replica used from the other, a replica killed under load: every request
 completes, or fails UNAVAILABLE and succeeds on retry; none lost, and none ran twice, read from the
 replicas' own access logs; backpressure: RESOURCE_EXHAUSTED / HTTP 429 with Retry-After;
-cancellation: cancelled streams and passed deadlines free the replicas), the sockets Ray's proxies
+cancellation: cancelled gRPC streams, passed deadlines and an HTTP stream cancelled by its request
+id free the replicas), the sockets Ray's proxies
 listen on, and a clean shutdown. One Ray instance serves the whole module (starting it takes most of
 the time).
 
@@ -14,9 +15,7 @@ Not here, and why: the SIGTERM drain is the `cones2-engine serve --ray` process'
 the application, Ray gives the replicas --grace to finish), so it runs in
 tests/test_serve_ray_cli.py against that process. Ray's health there is not the in-process
 server's NOT_SERVING-with-the-port-open: once the application is being deleted, Ray's proxy routes
-no new call to it, so health checks fail with Ray's own status instead (docs/serve.md). Cancellation
-by request id (`POST /v1/requests/{id}/cancel`) does not exist on Ray: a request lives in whichever
-replica Ray routed it to, and nothing maps an id to that replica; closing the call cancels it.
+no new call to it, so health checks fail with Ray's own status instead (docs/serve.md).
 """
 from __future__ import annotations
 
@@ -246,6 +245,22 @@ def test_deadlines_and_cancelled_streams_free_the_replicas(client):
     start = time.monotonic()
     quick = [client.generate("a mug", steps=2, width=SIZE, height=SIZE, seed=s) for s in range(4)]
     assert time.monotonic() - start < 10 and max(q.timings["queue"] for q in quick) < 2
+
+
+def test_an_http_stream_cancelled_by_its_request_id_ends_cancelled(service, client):
+    """`POST /v1/requests/{id}/cancel` through Ray's HTTP proxy (the studio's Cancel button): the
+    stream's last line is CANCELLED, and the replica is free for the next request."""
+    http = HttpTransport(f"http://127.0.0.1:{service.options.http_port}")
+    events, cancel = http.stream(build_request("a mug", seed=8, steps=150, width=256, height=256))
+    assert next(events).HasField("progress")
+    cancel()
+    with pytest.raises(Failed) as err:
+        list(events)
+    assert err.value.code == "CANCELLED", err.value
+    with pytest.raises(Failed) as err:
+        http._call(http.client.cancel, "no-such-request")
+    assert (err.value.code, err.value.http_status) == ("NOT_FOUND", 404)
+    assert client.generate("a mug", steps=2, width=SIZE, height=SIZE, seed=4, timeout=300).seed == 4
 
 
 def test_a_full_service_refuses_at_once_on_grpc_and_http_and_cancelled_calls_free_it(service, client):

@@ -32,6 +32,8 @@ class Cones2Ingress:
 
     def __init__(self, engine, auth_token: str | None = None):
         self.engine, self.token = engine, Token(auth_token)
+        self._by_id: dict[str, object] = {}   # HTTP X-Request-Id -> the replica call answering it
+        self._cancelled: set[str] = set()     # ids whose call was cancelled through the Cancel route
 
     async def GenerateStream(self, request, grpc_context=None):
         replica = ""
@@ -54,8 +56,8 @@ class Cones2Ingress:
 
     async def __call__(self, request):
         """HTTP/JSON through Ray Serve's HTTP proxy: the routes of `cones2.serve.http_json` and the
-        studio page (not cancel-by-id nor /metrics: close the stream to cancel; Ray exports its own
-        metrics)."""
+        studio page, but /metrics (Ray exports its own). Cancel-by-id works because this ingress is
+        one replica: it holds every call it forwards."""
         from starlette.responses import Response, StreamingResponse
 
         from ..json_mapping import decode, encode, error_body, route
@@ -68,7 +70,7 @@ class Cones2Ingress:
         if request.method == "GET" and (page := studio_asset(request.url.path)) is not None:   # the studio page
             return Response(page[0], media_type=page[1], headers=STUDIO_HEADERS)
         found = route(request.method, request.url.path)
-        if found is None or found[0] in ("Cancel", "Metrics"):
+        if found is None or found[0] == "Metrics":
             return error(Reply(None, "NOT_FOUND", f"no route {request.method} {request.url.path} on Ray Serve"))
         method, arg = found
         if method == "Health":
@@ -76,39 +78,75 @@ class Cones2Ingress:
             return Response(b'{"status": "%s"}' % (b"SERVING" if up else b"NOT_SERVING"), 200 if up else 503)
         if not self.token.allows(request.headers.get("authorization")):
             return error(Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE))
+        if method == "Cancel":
+            if arg not in self._by_id:
+                return error(Reply(None, "NOT_FOUND", f"request_id: no request {arg!r} in flight"))
+            self._cancelled.add(arg)
+            self._by_id[arg].cancel()         # Ray cancels the replica's coroutine: the core drops the job
+            return Response(b"{}", media_type="application/json")
+        rid = request.headers.get("x-request-id", "")
         try:
             msg = decode(method, await request.body(), arg)
         except Exception as exc:  # noqa: BLE001 (a Cones2Error naming "request")
             return error(Reply(None, *status_of(exc)))
         if method == "GenerateStream":
             async def lines():
-                async for reply in self._stream(msg, True):
+                async for reply in self._stream(msg, True, rid):
                     yield (encode(reply.message) if reply.code == "OK" else
                            b'{"error": %s}' % error_body(reply.code, reply.details)) + b"\n"
             return StreamingResponse(lines(), media_type="application/x-ndjson")
-        reply = await self._forward(method, msg)
+        reply = await self._forward(method, msg, request_id=rid)
         return error(reply) if reply.code != "OK" else Response(
             encode(reply.message), media_type="application/json", headers={REPLICA_METADATA: reply.replica})
 
-    async def _stream(self, request, allowed: bool):
+    async def _stream(self, request, allowed: bool, request_id: str = ""):
         if not allowed:
             yield Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE)
         elif isinstance(request, Undecodable):
             yield Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
         else:
             try:
-                async for reply in self.engine.options(stream=True).generate_stream.remote(request):
+                async for reply in self._held(self.engine.options(stream=True).generate_stream.remote(request),
+                                              request_id):
                     yield reply
-            except Exception as exc:  # noqa: BLE001 (the replica died, or Ray refused the call)
-                yield Reply(None, *_ray_status(exc))
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (a replica died, Ray refused)
+                yield self._failure(exc, request_id)
+            finally:
+                self._release(request_id)
 
-    async def _forward(self, method: str, request, timeout: float | None = None) -> Reply:
+    async def _forward(self, method: str, request, timeout: float | None = None, request_id: str = "") -> Reply:
         if isinstance(request, Undecodable):
             return Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
+        call = self.engine.call.remote(method, request)
         try:
-            return await asyncio.wait_for(self.engine.call.remote(method, request), timeout)
-        except Exception as exc:  # noqa: BLE001 (the replica died, or Ray refused the call)
-            return Reply(None, *_ray_status(exc))
+            if request_id:
+                self._by_id[request_id] = call
+            return await asyncio.wait_for(call, timeout)
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (a replica died, Ray refused)
+            return self._failure(exc, request_id)
+        finally:
+            self._release(request_id)
+
+    async def _held(self, call, request_id: str):
+        """Iterate a streaming call, registered under `request_id` (if any) for the Cancel route."""
+        if request_id:
+            self._by_id[request_id] = call
+        async for reply in call:
+            yield reply
+
+    def _failure(self, exc: BaseException, request_id: str) -> Reply:
+        """CANCELLED when the Cancel route stopped the call; a CancelledError otherwise is this
+        call's own (the client left): re-raised; the rest as `_ray_status`."""
+        if request_id and request_id in self._cancelled:
+            return Reply(None, "CANCELLED", "cancelled by the client")
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        return Reply(None, *_ray_status(exc))
+
+    def _release(self, request_id: str) -> None:
+        if request_id:
+            self._by_id.pop(request_id, None)
+            self._cancelled.discard(request_id)
 
 
 def _unary(method: str):

@@ -348,9 +348,10 @@ def fuzz_main(args) -> tuple[int, dict]:
         print(f"  {key}: {summary[key]}")
     for f in summary["first_failures"]:
         print(f"  failure: {f}")
-    failed = summary["failures"] or summary["internal"] or summary["crashes"] or summary["lost_valid"]
+    unsent = args.fuzz - summary["sent"]          # a client thread that died leaves cases unsent
+    failed = summary["failures"] or summary["internal"] or summary["crashes"] or summary["lost_valid"] or unsent
     print("PASS: every case got its documented code, no INTERNAL, no lost valid request, no crash" if not failed
-          else "FAIL")
+          else f"FAIL{f' ({unsent} cases never sent)' if unsent else ''}")
     return (1 if failed else 0), {"fuzz": summary}
 
 

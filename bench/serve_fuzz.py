@@ -74,7 +74,7 @@ def send_http(base: str, case: Case, token: str | None, timeout: float) -> tuple
 
     from google.protobuf import json_format
 
-    from cones2.serve.http_json import REQUESTS
+    from cones2.serve.json_mapping import REQUESTS
 
     headers = {"Content-Type": "application/json"}
     if token and case.auth != "none":

@@ -49,9 +49,10 @@ SIZE, STEPS = 64, 3
 # loaded machine the router sometimes left one replica idle, and killing it tested nothing.
 KILL_STEPS = 40
 SERVICE_NAME = "cones2.v1.Cones2Service"
-# Small, so that backpressure is reached with a few requests: each replica holds max_batch + MAX_QUEUE
-# requests, Ray's router MAX_QUEUE per replica more (app.build_app); 16 in all here.
-MAX_QUEUE = 2
+# Small, so that backpressure is reached with a few dozen requests: each replica holds at most max_batch
+# + MAX_QUEUE requests, Ray's router MAX_QUEUE per replica more (app.build_app): 40 in all here. Not
+# smaller: a replica's core queue must hold the 8 concurrent requests of the batching test.
+MAX_QUEUE = 8
 
 
 def _free_port() -> int:

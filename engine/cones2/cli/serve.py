@@ -179,8 +179,7 @@ def _run_ray(args, token: str | None, checked: dict | None) -> int:
     http = f", HTTP/JSON on {web}/v1, studio on {web}/" if options.http_port else ""
     device = "1 GPU" if spec.device.startswith("cuda") else f"{options.replica_cpus:g} CPU"
     banner = (f"SERVING on [::]:{options.grpc_port} (every interface) via Ray Serve ({scale}, {device} each{http})")
-    return serve_until_signal(service.start, lambda: True, lambda grace=None: service.stop(), lambda: banner,
-                              options.grace_seconds)
+    return serve_until_signal(service.start, lambda: True, service.stop, lambda: banner, options.grace_seconds)
 
 
 def _url(host: str, port: int) -> str:

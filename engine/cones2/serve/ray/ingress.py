@@ -2,12 +2,14 @@
 
 It checks the token (`auth.Token`), forwards each call to an engine replica (deployment.py) through
 a deployment handle and sets the status: a replica that died with the request in flight becomes
-UNAVAILABLE (retry: nothing finished), Ray's own queue bound RESOURCE_EXHAUSTED.
+UNAVAILABLE (retry: nothing finished), Ray's own queue bound RESOURCE_EXHAUSTED. At shutdown
+`drain` turns health NOT_SERVING and new calls UNAVAILABLE while the calls in flight finish.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -17,13 +19,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from .. import cones2_pb2 as pb
 from ..auth import MESSAGE as AUTH_MESSAGE
 from ..auth import Token
-from ..core import HTTP_STATUS, status_of
+from ..core import HTTP_STATUS, ShuttingDown, status_of
 from ..handlers import Undecodable
 from ..studio_assets import HEADERS as STUDIO_HEADERS
 from ..studio_assets import studio_asset
 from .deployment import REPLICA_METADATA, SERVICE_NAME, Reply
 
 log = logging.getLogger(__name__)
+_SHUTTING_DOWN = status_of(ShuttingDown("the server is shutting down"))
 
 
 class Cones2Ingress:
@@ -34,12 +37,19 @@ class Cones2Ingress:
         self.engine, self.token = engine, Token(auth_token)
         self._by_id: dict[str, object] = {}   # HTTP X-Request-Id -> the replica call answering it
         self._cancelled: set[str] = set()     # ids whose call was cancelled through the Cancel route
+        self.draining, self._inflight = False, 0
+
+    async def drain(self, grace: float) -> int:
+        """Shutdown step 1 (`RayService.stop`): refuse new calls, wait up to `grace` seconds for the
+        calls in flight; returns how many were still running."""
+        self.draining, end = True, time.monotonic() + grace
+        while self._inflight and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        return self._inflight
 
     async def GenerateStream(self, request, grpc_context=None):
-        replica = ""
         async for reply in self._stream(request, grpc_context is None or self.token.allows_metadata(
                 grpc_context.invocation_metadata())):
-            replica = reply.replica or replica
             _set_status(grpc_context, reply)
             if reply.code != "OK":
                 raise _Failed(reply.details)      # Ray Serve keeps the code set on grpc_context
@@ -104,10 +114,12 @@ class Cones2Ingress:
             yield Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE)
         elif isinstance(request, Undecodable):
             yield Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
+        elif self.draining:
+            yield Reply(None, *_SHUTTING_DOWN)
         else:
+            call = self._hold(self.engine.options(stream=True).generate_stream.remote(request), request_id)
             try:
-                async for reply in self._held(self.engine.options(stream=True).generate_stream.remote(request),
-                                              request_id):
+                async for reply in call:
                     yield reply
             except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (a replica died, Ray refused)
                 yield self._failure(exc, request_id)
@@ -117,22 +129,22 @@ class Cones2Ingress:
     async def _forward(self, method: str, request, timeout: float | None = None, request_id: str = "") -> Reply:
         if isinstance(request, Undecodable):
             return Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
-        call = self.engine.call.remote(method, request)
+        if self.draining:        # health too: NOT_SERVING while draining
+            return Reply(None, *_SHUTTING_DOWN)
+        call = self._hold(self.engine.call.remote(method, request), request_id)
         try:
-            if request_id:
-                self._by_id[request_id] = call
             return await asyncio.wait_for(call, timeout)
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (a replica died, Ray refused)
             return self._failure(exc, request_id)
         finally:
             self._release(request_id)
 
-    async def _held(self, call, request_id: str):
-        """Iterate a streaming call, registered under `request_id` (if any) for the Cancel route."""
+    def _hold(self, call, request_id: str):
+        """Count `call` in flight (the drain waits for it); keep it under `request_id` for Cancel."""
+        self._inflight += 1
         if request_id:
             self._by_id[request_id] = call
-        async for reply in call:
-            yield reply
+        return call
 
     def _failure(self, exc: BaseException, request_id: str) -> Reply:
         """CANCELLED when the Cancel route stopped the call; a CancelledError otherwise is this
@@ -144,6 +156,7 @@ class Cones2Ingress:
         return Reply(None, *_ray_status(exc))
 
     def _release(self, request_id: str) -> None:
+        self._inflight -= 1
         if request_id:
             self._by_id.pop(request_id, None)
             self._cancelled.discard(request_id)

@@ -125,7 +125,7 @@ def _drains_on_sigterm(proc: subprocess.Popen, port: int) -> None:
     from cones2.serve.client import Client, GenerateResult
 
     with Client(f"127.0.0.1:{port}", token=TOKEN, timeout=600) as client:
-        stream = client.generate_stream("a dog on the grass", steps=150, width=256, height=256, seed=9)
+        stream = client.generate_stream("a dog on the grass", steps=150, width=128, height=128, seed=9)
         assert next(stream).step == 1                                   # sampling has started
         proc.send_signal(signal.SIGTERM)
         health = []

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 APP_NAME = "cones2"
 ENGINE_DEPLOYMENT = "Cones2Engine"
 INGRESS_DEPLOYMENT = "Cones2Ingress"
-# Import paths Ray Serve's gRPC proxy loads: cones2.v1.Cones2Service from the checked-in stubs (with a
-# decoder that never raises, see deployment.add_Cones2ServiceServicer_to_server) and the health service.
+# Import paths Ray Serve's gRPC proxy loads: cones2.v1.Cones2Service and grpc.health.v1.Health, both
+# with a decoder that never raises (deployment.add_Cones2ServiceServicer_to_server).
 GRPC_SERVICER_FUNCTIONS = [
     "cones2.serve.ray.deployment.add_Cones2ServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "cones2.serve.ray.deployment.add_HealthServicer_to_server",
 ]
 # Environment the replicas need to resolve the model the way this process does (the embedded
 # default, a test's tiny model, the cache folder), whatever environment the Ray workers started in.

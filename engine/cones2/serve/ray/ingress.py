@@ -57,8 +57,10 @@ class Cones2Ingress:
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
         """SERVING when an engine replica answers within 5 s (for "" and "cones2.v1.Cones2Service")."""
-        if request.service not in ("", SERVICE_NAME):
-            _set_status(grpc_context, Reply(None, "NOT_FOUND", f"unknown service {request.service!r}"))
+        if isinstance(request, Undecodable) or request.service not in ("", SERVICE_NAME):
+            _set_status(grpc_context, Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} "
+                                            "message") if isinstance(request, Undecodable) else
+                        Reply(None, "NOT_FOUND", f"unknown service {request.service!r}"))
             return health_pb2.HealthCheckResponse()
         reply = await self._forward("GetServerInfo", pb.GetServerInfoRequest(), timeout=5.0)
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if reply.code == "OK"

@@ -144,3 +144,26 @@ def _drains_on_sigterm(proc: subprocess.Popen, port: int) -> None:
         assert isinstance(events[-1], GenerateResult) and events[-1].seed == 9, events[-1:]
         assert [e.step for e in events[:-1]][-1] == 150
     assert proc.wait(START_DEADLINE_S) == 0
+
+
+def test_a_replica_that_cannot_start_is_reported_in_one_line(tiny_model_dir, tmp_path):
+    """The model folder is fine for the CLI's own checks, but its UNet weights are truncated: every
+    replica fails while loading, and the command says why in one line and exits non-zero."""
+    import_or_skip("ray.serve", "Ray Serve (the ray extra) is not installed")
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:64])
+    proc, _ = _serve(ROOT, broken, tmp_path / "store")
+    try:
+        proc.wait(START_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    stderr = _stop(proc)
+    assert proc.returncode == 2, stderr[-3000:]      # a Cones2Error: exit 2 with one line
+    # Ray forwards the replicas' own logs (their traces) to this terminal asynchronously, so the
+    # command's one line is not always the last: it is the one line the command itself prints.
+    ours = [ln for ln in stderr.splitlines() if ln.startswith("cones2-engine serve:")]
+    assert len(ours) == 1, stderr[-4000:]
+    assert ours[0].startswith("cones2-engine serve: error: model: cannot load the UNet"), ours[0]
+    assert "safetensors" in ours[0] and "kernels" not in ours[0], ours[0]

@@ -6,8 +6,11 @@ Load (default): --clients threads send a mix of valid and malformed requests for
 latency of valid requests, rejections (RESOURCE_EXHAUSTED), malformed requests answered
 INVALID_ARGUMENT, INTERNAL answers, mean batch size, server memory; then the batching gain.
 
---transport grpc|http: which of the server's two transports the clients use (the server serves
-gRPC and, with --http-port, HTTP/JSON; one serving core behind both).
+--transport grpc|http|ray: what the clients talk to. grpc / http: the in-process server's two
+transports (one serving core behind both). ray: `cones2-engine serve --ray` (a local Ray started by
+the server command, --replicas engine replicas of one CPU each, with a token: Ray's gRPC proxy
+listens on every interface), clients on its gRPC proxy. Resident memory is the server's whole
+process tree (with Ray: its GCS, raylet, proxy and replicas).
 
 Fuzz (--fuzz N): N seeded hostile cases of `bench/serve_fuzz.py` (every kind of malformed request,
 random and undecodable bytes, missing tokens, oversized messages; valid ones mixed in) from
@@ -15,23 +18,24 @@ random and undecodable bytes, missing tokens, oversized messages; valid ones mix
 
 Both fail (exit 1) on a crash (server gone, health not SERVING after, SIGTERM exit code != 0), any
 INTERNAL, any lost valid request (neither a result nor a rejection), or a malformed request answered
-otherwise than documented. --json writes the command, settings and every figure.
+otherwise than documented. --json writes a results record (bench/harness/results.py: command, git
+revision, machine with its load average, settings, every figure, a headline for bench/RESULTS.md).
 
     python bench/load.py --clients 8 --duration 20 --max-batch 1,4
     python bench/load.py --clients 64 --duration 60 --max-batch 4 --max-queue 64 --json bench/results/serve_load_64.json
     python bench/load.py --fuzz 10000 --json bench/results/serve_fuzz_10000.json
     python bench/load.py --transport http --clients 8 --duration 20 --max-batch 4
+    python bench/load.py --transport ray --fuzz 10000 --json bench/results/serve_fuzz_10000_ray.json
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,11 +46,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 from PIL import Image
 from tqdm import tqdm
 
 from cones2.serve import cones2_pb2 as pb
 from cones2.serve.client import Client, HttpClient, HttpError, build_request
+from harness.results import write_result
 
 PROMPTS = ["a dog and a mug on the beach", "a dog on a table", "a mug and a dog in the snow", "a photo of a dog"]
 FUZZ_LIMITS = {"max_message_bytes": 1 << 20, "max_layout_png_bytes": 256 << 10}   # over-limit cases stay cheap
@@ -90,47 +96,69 @@ MALFORMED = {
 
 # ---- the server process -------------------------------------------------------------------------
 class ServerProcess:
-    """`cones2-engine serve` on 127.0.0.1:<free port>; its resident memory is sampled while it runs."""
+    """`cones2-engine serve` on 127.0.0.1 (`--transport ray`: `serve --ray`, its gRPC proxy on a free
+    port of every interface, with a token); the resident memory of its process tree is sampled."""
 
-    def __init__(self, args, max_batch: int, store: str, extra: list[str] = ()):
+    def __init__(self, args, max_batch: int, store: str, extra: list[str] = (), token: str | None = None):
         cmd = [sys.executable, "-c", "import sys; from cones2.cli import main; sys.exit(main())", "serve",
-               "--port", "0", "--http-port", "0", "--max-batch", str(max_batch), "--max-queue", str(args.max_queue),
-               "--threads", str(args.threads), "--residual-store", store, "--log-level", "ERROR", *extra]
+               "--max-batch", str(max_batch), "--max-queue", str(args.max_queue), "--threads", str(args.threads),
+               "--residual-store", store, "--log-level", "ERROR", *extra]
+        self.token = token
+        if args.transport == "ray":
+            if token is None:                   # never an open port on every interface
+                self.token = "load-" + os.urandom(8).hex()
+                token_file = Path(store).parent / f"{Path(store).name}.token"
+                token_file.write_text(self.token)
+                cmd += ["--auth-token-file", str(token_file)]
+            cmd += ["--ray", "--ray-grpc-every-interface", "--replicas", str(args.replicas), "--replica-cpus", "1",
+                    "--port", str(_free_port()), "--http-port", str(_free_port())]
+        else:
+            cmd += ["--port", "0", "--http-port", "0"]
         if args.model:
             cmd += ["--model", args.model]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        timer = threading.Timer(300, self.proc.kill)
+        self.output: list[str] = []             # what it printed (Ray forwards its workers' lines too)
+        timer = threading.Timer(600, self.proc.kill)
         timer.start()
-        line = self.proc.stdout.readline()
+        match = None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if match := re.search(r"SERVING on (\S+)", line):
+                break
         timer.cancel()
-        match = re.search(r"SERVING on (\S+)", line)
         if not match:
             self.proc.kill()
-            raise SystemExit(f"server did not start (got {line!r})")
-        self.target = match.group(1)
+            raise SystemExit(f"server did not start (last lines: {self.output[-5:]!r})")
+        self.target = match.group(1).replace("[::]", "127.0.0.1")
         self.http = "http://127.0.0.1:" + re.search(r"HTTP/JSON on http://[^:]+:(\d+)", line).group(1)
+        threading.Thread(target=self._drain, daemon=True).start()
         self.rss_start = self.rss_peak = _rss(self.proc.pid)
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
+    def _drain(self) -> None:
+        """Keep reading its stdout, so a full pipe never blocks the server."""
+        for line in self.proc.stdout:
+            self.output = self.output[-200:] + [line]
+
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
             self.rss_peak = max(self.rss_peak, _rss(self.proc.pid))
 
-    def finish(self, token: str | None = None) -> tuple[list[str], dict]:
+    def finish(self) -> tuple[list[str], dict]:
         """Check it is alive and SERVING, SIGTERM it; (crash reasons, memory figures in MiB)."""
         crashed = []
         rss_end = _rss(self.proc.pid)
         if self.proc.poll() is not None:
             crashed.append(f"server exited with {self.proc.returncode} during the run")
         else:
-            with Client(self.target, token=token) as c:
+            with Client(self.target, token=self.token) as c:
                 if c.health() != "SERVING":
                     crashed.append("health is not SERVING after the run")
         self._stop.set()
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=120)
+        code = self.proc.wait(timeout=300)
         if code != 0:
             crashed.append(f"SIGTERM exit code {code}")
         mib = 1 << 20
@@ -144,15 +172,26 @@ class ServerProcess:
             self.proc.wait()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rss(pid: int) -> int:
+    """Resident bytes of `pid` and every process below it (0 once it is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
 
 
 # ---- load mode ----------------------------------------------------------------------------------
@@ -194,12 +233,12 @@ class RunResult:
         }
 
 
-def client_loop(target: tuple[str, str], seed: int, args, deadline: float, out: list[Outcome], lock: threading.Lock,
+def client_loop(server: ServerProcess, seed: int, args, deadline: float, out: list[Outcome], lock: threading.Lock,
                 bar) -> None:
     rng = random.Random(seed)
     sent = 0
-    with Client(target[0], timeout=args.timeout) as c:
-        http = HttpClient(target[1], timeout=args.timeout)
+    with Client(server.target, token=server.token, timeout=args.timeout) as c:
+        http = HttpClient(server.http, token=server.token, timeout=args.timeout)
         while time.monotonic() < deadline and (args.requests is None or sent < args.requests):
             valid = rng.random() >= args.invalid_fraction
             req = _valid(rng, args.steps, args.size) if valid else rng.choice(list(MALFORMED.values()))(args.steps,
@@ -207,7 +246,7 @@ def client_loop(target: tuple[str, str], seed: int, args, deadline: float, out: 
             t0 = time.monotonic()
             try:
                 r = (http.generate_request(req) if args.transport == "http" else
-                     c.stub.Generate(req, timeout=args.timeout))
+                     c.stub.Generate(req, timeout=args.timeout, metadata=c.metadata))
                 o = Outcome(valid, "OK", time.monotonic() - t0, r.batch_size)
             except (grpc.RpcError, HttpError) as exc:
                 code = exc.code if isinstance(exc, HttpError) else exc.code().name
@@ -224,7 +263,7 @@ def run_load(args, max_batch: int) -> RunResult:
     with tempfile.TemporaryDirectory() as store:
         server = ServerProcess(args, max_batch, store)
         try:
-            with Client(server.target) as c:              # one untimed request so every run starts warm
+            with Client(server.target, token=server.token) as c:    # one untimed request so every run starts warm
                 c.generate_request(_valid(random.Random(0), args.steps, args.size))
             outcomes: list[Outcome] = []
             lock = threading.Lock()
@@ -232,7 +271,7 @@ def run_load(args, max_batch: int) -> RunResult:
             deadline = start + args.duration
             with tqdm(desc=f"max_batch {max_batch}", unit="req", disable=not args.progress) as bar:
                 threads = [threading.Thread(target=client_loop, daemon=True,
-                                            args=((server.target, server.http), 1000 * max_batch + i, args, deadline,
+                                            args=(server, 1000 * max_batch + i, args, deadline,
                                                   outcomes, lock,
                                                   bar)) for i in range(args.clients)]
                 for t in threads:
@@ -289,28 +328,30 @@ def fuzz_main(args) -> tuple[int, dict]:
         extra = ["--auth-token-file", str(token_file), "--max-message-bytes", str(FUZZ_LIMITS["max_message_bytes"]),
                  "--max-residual-bytes", str(FUZZ_RESIDUAL_BYTES),
                  "--max-layout-png-bytes", str(FUZZ_LIMITS["max_layout_png_bytes"])]
-        server = ServerProcess(args, 4, str(Path(tmp) / "store"), extra)
+        server = ServerProcess(args, 4, str(Path(tmp) / "store"), extra, token=token)
         try:
             with Client(server.target, token=token, timeout=args.timeout) as c:     # warm
                 c.generate_request(_valid(random.Random(0), 2, 64))
             report = run_fuzz(server.target, args.fuzz, seed=args.seed, clients=args.clients, token=token,
                               timeout=args.timeout, progress=args.progress,
                               http=server.http if args.transport == "http" else None, **FUZZ_LIMITS)
-            crashed, memory = server.finish(token)
+            crashed, memory = server.finish()
         finally:
             server.kill()
     summary = report.summary() | {"lost_valid": report.valid - report.valid_ok, "crashes": len(crashed),
                                   "crash_reasons": crashed, **memory, "cases_by_kind": dict(sorted(report.kinds.items()))}
-    print(f"\nfuzz: {args.fuzz} cases, seed {args.seed}, {args.clients} clients, server --threads {args.threads}")
+    print(f"\nfuzz over {args.transport}: {args.fuzz} cases, seed {args.seed}, {args.clients} clients, "
+          f"server --threads {args.threads}")
     for key in ("sent", "valid", "valid_ok", "lost_valid", "malformed", "internal", "failures", "crashes", "codes",
                 "kinds", "longest_details_chars", "seconds", "requests_per_second", "rss_start_mib", "rss_peak_mib",
                 "rss_end_mib"):
         print(f"  {key}: {summary[key]}")
     for f in summary["first_failures"]:
         print(f"  failure: {f}")
-    failed = summary["failures"] or summary["internal"] or summary["crashes"] or summary["lost_valid"]
+    unsent = args.fuzz - summary["sent"]          # a client thread that died leaves cases unsent
+    failed = summary["failures"] or summary["internal"] or summary["crashes"] or summary["lost_valid"] or unsent
     print("PASS: every case got its documented code, no INTERNAL, no lost valid request, no crash" if not failed
-          else "FAIL")
+          else f"FAIL{f' ({unsent} cases never sent)' if unsent else ''}")
     return (1 if failed else 0), {"fuzz": summary}
 
 
@@ -331,34 +372,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model dir (default: the embedded tiny model)")
     p.add_argument("--fuzz", type=int, default=None, metavar="N", help="fuzz mode: send N seeded hostile cases")
     p.add_argument("--seed", type=int, default=0, help="fuzz seed")
-    p.add_argument("--transport", choices=["grpc", "http"], default="grpc",
-                   help="what the clients speak: gRPC or the HTTP/JSON API (default: %(default)s)")
-    p.add_argument("--json", default=None, help="write the settings and every figure here")
+    p.add_argument("--transport", choices=["grpc", "http", "ray"], default="grpc",
+                   help="what the clients talk to: the in-process server's gRPC or HTTP/JSON, or `serve --ray`'s "
+                        "gRPC proxy (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=2, help="engine replicas with --transport ray (default: %(default)s)")
+    p.add_argument("--json", default=None, help="write a results record (bench/harness/results.py) here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
 
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S"), [round(x, 2) for x in os.getloadavg()]
     try:
         code, results = fuzz_main(args) if args.fuzz is not None else load_main(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     if args.json:
-        record = {"command": "python bench/load.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "started": started, "settings": vars(args), "machine": _machine(), "passed": code == 0, **results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        payload = {"started": started, "loadavg_at_start": load_start, "passed": code == 0, "versions": _versions(),
+                   **results}
+        write_result(args.json, vars(args), payload, argv=argv, script="bench/load.py",
+                     summaries=[_headline(args, code == 0, results)])
         print(f"wrote {args.json}")
     return code
 
 
-def _machine() -> dict:
+def _headline(args, passed: bool, results: dict) -> dict:
+    """The record's row in bench/RESULTS.md: what was checked, and the loaded throughput as such."""
+    where = {"grpc": "in-process gRPC", "http": "in-process HTTP/JSON",
+             "ray": f"Ray Serve gRPC proxy, {args.replicas} replicas"}[args.transport]
+    verdict = "PASS" if passed else "FAIL"
+    if args.fuzz is not None:
+        f = results["fuzz"]
+        text = (f"{verdict}: {f['sent']} fuzz cases, {f['failures']} unexpected answers, {f['internal']} INTERNAL, "
+                f"{f['lost_valid']} of {f['valid']} valid lost, {f['crashes']} crashes; {f['requests_per_second']} "
+                f"cases/s on a loaded machine; server RSS peak {f['rss_peak_mib']} MiB")
+    else:
+        r = results["runs"][-1]
+        text = (f"{verdict}: {args.clients} clients for {args.duration:g} s: {r['sent']} sent, {r['ok']} valid OK, "
+                f"{r['lost']} lost, {r['misjudged']} misjudged, {r['internal']} INTERNAL, {r['crashes']} crashes; "
+                f"{r['throughput']:.2f} valid req/s (loaded machine), mean batch {r['mean_batch']:.2f}")
+    return {"area": f"serving, {where}", "headline": text, "details": "serve.md"}
+
+
+def _versions() -> dict:
     import torch
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load] if load else None,
-            "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__,
-            "processor": platform.processor() or platform.machine()}
+    found = {"torch": torch.__version__, "grpcio": grpc.__version__}
+    try:
+        import ray
+
+        found["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return found
 
 
 if __name__ == "__main__":

@@ -4,18 +4,17 @@ Starts one local Ray instance (`--num-cpus`, default: every core), Serve's gRPC 
 and for each `--replicas` value deploys the application (CPU replicas reserving `--replica-cpus`
 each; the embedded demo model unless `--model`), warms it up, then runs `--clients` closed-loop
 client threads for `--duration` seconds with the same request stream (same prompts, boxes, seeds,
-steps and size). Reports completed requests per second, latency percentiles, the batch sizes Ray
-Serve's `@serve.batch` formed, how the requests spread over the replicas, and errors (any error
-fails the run: exit 1). Writes JSON (`--json`). Bounded: it stops by itself.
+steps and size). Reports completed requests per second, latency percentiles, the batch sizes
+each replica's serving core formed, how the requests spread over the replicas, and errors (any error
+fails the run: exit 1). Writes a results record (`--json`, bench/harness/results.py: command, git
+revision, machine with its load average, settings, payload). Bounded: it stops by itself.
 
     python bench/ray_throughput.py --replicas 1,2 --clients 8 --duration 20 --steps 10
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -37,6 +36,7 @@ import cones2  # noqa: E402
 from cones2.serve.client import Client, build_request  # noqa: E402
 from cones2.serve.ray import APP_NAME, REPLICA_METADATA, EngineSpec, RayServeOptions, build_app  # noqa: E402
 from cones2.serve.ray.app import GRPC_SERVICER_FUNCTIONS  # noqa: E402
+from harness.results import write_result  # noqa: E402
 
 PROMPTS = [("a star and a blue ring on a sand background", "star"), ("a green heart on a snow background", "heart"),
            ("a red circle and a star on a night background", "circle"), ("a blue ring on a stone background", "ring")]
@@ -167,19 +167,21 @@ def main() -> int:
                "speedup_vs_1_replica": {str(n): round(v / base, 2) for n, v in mean_rps.items()} if base else None,
                "round_ratios_2_vs_1": [round(b["throughput_rps"] / a["throughput_rps"], 2)
                                        for a, b in zip(runs, runs[1:]) if a["replicas"] == 1 and b["replicas"] == 2]}
-    report = {
-        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before,
-                    "torch": torch.__version__, "ray": ray.__version__, "cones2": cones2.__version__},
+    payload = {
+        "versions": {"torch": torch.__version__, "ray": ray.__version__, "cones2": cones2.__version__},
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "load": {"clients": args.clients, "duration_s": args.duration, "steps": args.steps, "size": args.size,
                  "model": args.model or "embedded demo model", "max_batch": args.max_batch,
                  "replica_cpus": args.replica_cpus, "closed_loop": True},
         "runs": runs,
         "summary": summary,
-        "loadavg_after": os.getloadavg(),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    mean = summary["mean_throughput_rps"]
+    headline = (f"{'PASS' if not failed else 'FAIL'}: {', '.join(f'{n} replica(s) {v} req/s' for n, v in mean.items())} "
+                f"(speedup {summary['speedup_vs_1_replica']}); {sum(r['requests'] for r in runs)} requests, errors "
+                f"{[r['errors'] for r in runs]}; one 2-core machine, loaded: not a scaling figure")
+    write_result(args.json, vars(args), payload, script="bench/ray_throughput.py",
+                 summaries=[{"area": "serving, Ray Serve replicas", "headline": headline, "details": "serve.md"}])
     print(f"wrote {args.json}; mean req/s by replicas {summary['mean_throughput_rps']}, "
           f"speedup {summary['speedup_vs_1_replica']}, per-round 2 vs 1: {summary['round_ratios_2_vs_1']}")
     return 1 if failed else 0

@@ -299,7 +299,7 @@ def _residual_bytes(dim: int, seed: int, rows: int = 1, nan: bool = False) -> by
     if key not in _CASE_CACHE:
         import torch
 
-        from .. import Residual
+        from cones2 import Residual
 
         t = torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)) * 0.3
         data = Residual(t, word="dog").to_safetensors_bytes()

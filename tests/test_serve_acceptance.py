@@ -244,6 +244,24 @@ def test_a_worker_killed_under_concurrent_clients_loses_nothing(kind, tiny_model
         server.stop(grace=0)
 
 
+def test_health_turns_not_serving_on_every_transport_once_every_worker_died(tiny_engine, tmp_path):
+    """The one worker dies mid-sampling: its request is answered UNAVAILABLE, and then gRPC health
+    and HTTP /v1/health both say NOT_SERVING (a balancer stops sending), new calls UNAVAILABLE / 503."""
+    dying = _Recording(tiny_engine, collections.Counter(), threading.Lock(), die_on=1)
+    with running_server(dying, tmp_path, max_batch=1, warmup=False) as s:
+        clients = {k: transport(k, s) for k in TRANSPORTS}
+        assert {k: t.health() for k, t in clients.items()} == {"grpc": "SERVING", "http": "SERVING"}
+        with pytest.raises(Failed) as err:
+            clients["grpc"].generate(_req(steps=2))
+        assert err.value.code == "UNAVAILABLE", err.value
+        wait_for(lambda: not s.workers[0].is_alive(), HANG_S)
+        assert {k: t.health() for k, t in clients.items()} == {"grpc": "NOT_SERVING", "http": "NOT_SERVING"}
+        for name, t in clients.items():
+            with pytest.raises(Failed) as err:
+                t.generate(_req(steps=1))
+            assert err.value.code == "UNAVAILABLE" and err.value.http_status in (None, 503), (name, err.value)
+
+
 # ---- a residual registered through one entry, used through all --------------------------------------
 def test_a_residual_registered_through_one_transport_is_used_through_every_one(kind, tiny_engine, tmp_path):
     dog = make_residual(7)

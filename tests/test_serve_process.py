@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -28,9 +29,14 @@ def test_every_port_listens_on_host_only_and_sigterm_exits_0(tiny_model_dir, tmp
     try:
         line = proc.stdout.readline()
         match = re.search(r"SERVING on 127\.0\.0\.1:(\d+) .*HTTP/JSON on http://127\.0\.0\.1:(\d+)/v1, "
-                          r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+                          r"studio on (http://127\.0\.0\.1:(\d+)/), metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
         assert match, f"no SERVING line: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
-        ports = {int(p) for p in match.groups()}
+        grpc_port, http_port, studio, studio_port, metrics_port = match.groups()
+        assert studio_port == http_port
+        with urllib.request.urlopen(studio, timeout=60) as page:             # the banner's studio URL works
+            assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+            assert b"<canvas" in page.read()
+        ports = {int(grpc_port), int(http_port), int(metrics_port)}
         sockets = listening_sockets(proc.pid)
         assert {port for _, port in sockets} == ports, sockets                   # these three, no others
         assert {address for address, _ in sockets} == {"127.0.0.1"}, sockets     # on --host only

@@ -1,12 +1,21 @@
 """cones2.serve.ray for real: a local Ray instance (2 CPUs), two CPU engine replicas of the tiny model
 behind Ray Serve's gRPC proxy on 127.0.0.1, driven by the unchanged `cones2.serve.client.Client`.
 
-Parity with a direct `Engine`, batching in each replica's core, validation statuses, the shared
-acceptance checks (tests/serve_acceptance.py: the seeded fuzz run over gRPC and HTTP, a residual
+Parity with a direct `Engine`, batching in each replica's core, validation statuses, Ray's share of
+the acceptance suite (tests/serve_acceptance.py: the seeded fuzz run over gRPC and HTTP, a residual
 registered through one replica used from the other, a replica killed under load: every request
 completes, or fails UNAVAILABLE and succeeds on retry; none lost, and none ran twice, read from the
-replicas' own access logs), the sockets Ray's proxies listen on, and a clean shutdown. One Ray
-instance serves the whole module (starting it takes most of the time).
+replicas' own access logs; backpressure: RESOURCE_EXHAUSTED / HTTP 429 with Retry-After;
+cancellation: cancelled gRPC streams, passed deadlines and an HTTP stream cancelled by its request
+id free the replicas), the sockets Ray's proxies
+listen on, and a clean shutdown. One Ray instance serves the whole module (starting it takes most of
+the time).
+
+Not here, and why: the SIGTERM drain is the `cones2-engine serve --ray` process's (the CLI deletes
+the application, Ray gives the replicas --grace to finish), so it runs in
+tests/test_serve_ray_cli.py against that process. Ray's health there is not the in-process
+server's NOT_SERVING-with-the-port-open: once the application is being deleted, Ray's proxy routes
+no new call to it, so health checks fail with Ray's own status instead (docs/serve.md).
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ from cones2.serve.client import Client, build_request  # noqa: E402
 from cones2.serve.ray import (APP_NAME, ENGINE_DEPLOYMENT, REPLICA_METADATA, EngineSpec,  # noqa: E402
                               RayServeOptions, RayService)
 import serve_acceptance as acceptance  # noqa: E402
-from serve_support import GrpcTransport, HttpTransport, make_residual  # noqa: E402
+from serve_support import Failed, GrpcTransport, HttpTransport, make_residual  # noqa: E402
 
 SIZE, STEPS = 64, 3
 # The kill test's requests: a batch of 40 steps takes long next to the gap between two batches (the
@@ -40,6 +49,10 @@ SIZE, STEPS = 64, 3
 # loaded machine the router sometimes left one replica idle, and killing it tested nothing.
 KILL_STEPS = 40
 SERVICE_NAME = "cones2.v1.Cones2Service"
+# Small, so that backpressure is reached with a few dozen requests: each replica holds at most max_batch
+# + MAX_QUEUE requests, Ray's router MAX_QUEUE per replica more (app.build_app): 40 in all here. Not
+# smaller: a replica's core queue must hold the 8 concurrent requests of the batching test.
+MAX_QUEUE = 8
 
 
 def _free_port() -> int:
@@ -61,7 +74,8 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
     options = RayServeOptions(replicas=2, replica_cpus=1, num_cpus=2, grpc_port=_free_port(), http_port=_free_port(),
-                              residual_store=tmp_path_factory.mktemp("ray-store"), max_batch=4, grace_seconds=5)
+                              residual_store=tmp_path_factory.mktemp("ray-store"), max_batch=4, max_queue=MAX_QUEUE,
+                              grace_seconds=5)
     # Ray waits 30 s for its GCS server's port file; on a 2-core machine under other load that once
     # ran out twice in a row. Ray's own knob lengthens the wait while this module runs.
     with pytest.MonkeyPatch.context() as env:
@@ -234,6 +248,48 @@ def test_deadlines_and_cancelled_streams_free_the_replicas(client):
     assert time.monotonic() - start < 10 and max(q.timings["queue"] for q in quick) < 2
 
 
+def test_an_http_stream_cancelled_by_its_request_id_ends_cancelled(service, client):
+    """`POST /v1/requests/{id}/cancel` through Ray's HTTP proxy (the studio's Cancel button): the
+    stream's last line is CANCELLED, and the replica is free for the next request."""
+    http = HttpTransport(f"http://127.0.0.1:{service.options.http_port}")
+    events, cancel = http.stream(build_request("a mug", seed=8, steps=150, width=256, height=256))
+    assert next(events).HasField("progress")
+    cancel()
+    with pytest.raises(Failed) as err:
+        list(events)
+    assert err.value.code == "CANCELLED", err.value
+    with pytest.raises(Failed) as err:
+        http._call(http.client.cancel, "no-such-request")
+    assert (err.value.code, err.value.http_status) == ("NOT_FOUND", 404)
+    assert client.generate("a mug", steps=2, width=SIZE, height=SIZE, seed=4, timeout=300).seed == 4
+
+
+def test_a_full_service_refuses_at_once_on_grpc_and_http_and_cancelled_calls_free_it(service, client):
+    """Backpressure on Ray: more long requests than the replicas and Ray's router may hold. The ones
+    over the bound are refused at once (gRPC RESOURCE_EXHAUSTED; HTTP 429 with Retry-After), while
+    the held ones run; cancelling the held ones frees the service for the next request."""
+    capacity = 2 * (4 + MAX_QUEUE + MAX_QUEUE)              # replicas x (batch + core queue + router queue)
+    long = build_request("a dog and a mug", steps=150, width=256, height=256)
+    calls = []
+    for seed in range(capacity + 8):
+        long.seed = seed
+        calls.append(client.stub.Generate.future(long, timeout=600))
+    end = time.monotonic() + 300                            # only catches a hang
+    while sum(c.done() for c in calls) < 1 and time.monotonic() < end:
+        time.sleep(0.05)
+    refused = [c for c in calls if c.done()]
+    assert refused and {c.exception().code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, \
+        [c.exception() for c in refused]
+    http = HttpTransport(f"http://127.0.0.1:{service.options.http_port}")
+    with pytest.raises(Failed) as err:                      # still full: the held ones take 30 s or more
+        http.generate(build_request("a dog", steps=1, width=SIZE, height=SIZE))
+    assert (err.value.code, err.value.http_status, err.value.retry_after) == ("RESOURCE_EXHAUSTED", 429, 1)
+    for c in calls:
+        c.cancel()
+    assert all(c.cancelled() or c.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in calls)
+    assert client.generate("a mug", steps=2, width=SIZE, height=SIZE, seed=3, timeout=300).seed == 3
+
+
 # ---- statuses, health, reflection ---------------------------------------------------------------
 @pytest.mark.parametrize("settings, field", [
     (dict(prompt="a dog", steps=0), "steps"),
@@ -271,14 +327,18 @@ def test_health_info_reflection_and_not_found(client):
 
 
 def test_undecodable_bytes_are_invalid_argument(client):
-    for method in ("Generate", "GenerateStream"):
-        call = (client.channel.unary_stream if method == "GenerateStream" else client.channel.unary_unary)(
-            f"/{SERVICE_NAME}/{method}")
+    """Health too (grpc_health's own servicer would answer UNKNOWN: `bench/load.py --transport ray
+    --fuzz 10000` found it)."""
+    for path, message in ((f"/{SERVICE_NAME}/Generate", "cones2.v1.GenerateRequest"),
+                          (f"/{SERVICE_NAME}/GenerateStream", "cones2.v1.GenerateRequest"),
+                          ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest")):
+        stream = path.endswith("Stream")
+        call = (client.channel.unary_stream if stream else client.channel.unary_unary)(path)
         with pytest.raises(grpc.RpcError) as err:
             answer = call(b"\xff\xff\xff not a message", timeout=30)
-            list(answer) if method == "GenerateStream" else None
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details() == "request: not a valid cones2.v1.GenerateRequest message"
+            list(answer) if stream else None
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.value)
+        assert err.value.details() == f"request: not a valid {message} message"
 
 
 def test_http_json_gateway(service, client):

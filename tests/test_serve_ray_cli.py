@@ -1,10 +1,16 @@
 """`cones2-engine serve --ray` as an operator starts it (issue 23): a subprocess, from the repository root
 and from another folder, serving the project's client (a residual registered, four generations); and a
-replica that cannot start reported by the replica's own error in one line.
+replica that cannot start reported by the replica's own error in one line; and, from the other
+folder, a SIGTERM drain on Ray (health NOT_SERVING and new calls UNAVAILABLE while a generation in
+flight completes; exit 0).
 
-Ray workers inherit the driver's working directory, so from the repository root a root folder that
-shadowed an installed distribution (`kernels`) broke every replica; this is the check that it cannot
-come back. Each case starts its own local Ray (about half a minute on 2 cores).
+Ray puts the driver's working directory on its workers' sys.path, so from the repository root a
+root folder that shadowed an installed distribution (`kernels`) broke every replica; this is the
+check that it cannot come back. Each case starts its own local Ray (about half a minute on 2
+cores), with one replica (the replicas' sharing is tests/test_serve_ray.py's). One Ray for both
+folders would not check the second: Ray records the working directory per job (its
+`py_driver_sys_path`), and Serve's replicas are created by its controller under the job that
+started Serve, so a second command joining that Ray would run in the first one's folder.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,7 +54,7 @@ def _serve(cwd: Path, model: Path, store: Path, *extra: str) -> tuple[subprocess
     token_file.write_text(TOKEN)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-    cmd = [*CLI, "serve", "--ray", "--replicas", "2", "--replica-cpus", "1", "--model", str(model),
+    cmd = [*CLI, "serve", "--ray", "--replicas", "1", "--replica-cpus", "1", "--model", str(model),
            "--backend", "sdpa", "--port", str(port), "--http-port", str(_free_port()), "--host", "127.0.0.1",
            "--residual-store", str(store), "--threads", "1", "--grace", "5", "--ray-grpc-every-interface",
            "--auth-token-file", str(token_file), *extra]
@@ -89,7 +96,7 @@ def test_ray_cli_serves_the_client_from_any_working_directory(where, tiny_model_
 
     cwd = ROOT if where == "repo-root" else tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    proc, port = _serve(cwd, tiny_model_dir, tmp_path / "store")
+    proc, port = _serve(cwd, tiny_model_dir, tmp_path / "store", "--grace", "300")
     try:
         line = _wait_for_line(proc, "SERVING")
         assert line is not None, f"the server did not come up (exit {proc.poll()}): {_stop(proc)[-3000:]}"
@@ -103,8 +110,40 @@ def test_ray_cli_serves_the_client_from_any_working_directory(where, tiny_model_
         assert [r.seed for r in images] == [0, 1, 2, 3]
         assert all(r.image.size == (64, 64) for r in images)
         assert len({r.png for r in images}) == 4, "four seeds must give four different images"
+        if where == "elsewhere":
+            _drains_on_sigterm(proc, port)
     finally:
         _stop(proc)
+
+
+def _drains_on_sigterm(proc: subprocess.Popen, port: int) -> None:
+    """SIGTERM with a generation in flight: health turns NOT_SERVING and a new call gets UNAVAILABLE
+    (the ingress drains, the port stays open) while the generation completes; then the command
+    deletes the application and exits 0."""
+    import grpc
+
+    from cones2.serve.client import Client, GenerateResult
+
+    with Client(f"127.0.0.1:{port}", token=TOKEN, timeout=600) as client:
+        stream = client.generate_stream("a dog on the grass", steps=150, width=128, height=128, seed=9)
+        assert next(stream).step == 1                                   # sampling has started
+        proc.send_signal(signal.SIGTERM)
+        health = []
+        while not health or health[-1] == "SERVING":
+            try:
+                health.append(client.health(timeout=10))
+            except grpc.RpcError as exc:
+                health.append(exc.code().name)
+            assert len(health) < 3000, health[-3:]                    # only catches a hang
+            time.sleep(0.1)
+        assert health[-1] == "NOT_SERVING", health[-3:]
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("a dog on the grass", steps=1, width=64, height=64, seed=1, timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        events = list(stream)                                           # ... while it completes
+        assert isinstance(events[-1], GenerateResult) and events[-1].seed == 9, events[-1:]
+        assert [e.step for e in events[:-1]][-1] == 150
+    assert proc.wait(START_DEADLINE_S) == 0
 
 
 def test_a_replica_that_cannot_start_is_reported_in_one_line(tiny_model_dir, tmp_path):

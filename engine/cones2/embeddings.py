@@ -12,13 +12,17 @@ from .tokens import SEQ_LEN, SubjectTokens, prompt_token_ids
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], encode_ids=None) -> torch.Tensor:
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], encode_ids=None,
+                   token_ids: list | None = None) -> torch.Tensor:
     """E(p) for each prompt: final hidden states after the final layer norm, (B, 77, D).
 
     encode_ids: optional replacement for the PyTorch text encoder, ids (B, 77) -> (B, 77, D)
-    (a compiled runner's exported text encoder).
+    (a compiled runner's exported text encoder). token_ids: per prompt, its `prompt_token_ids` when
+    already known (None: tokenize it here), so a checked prompt is not tokenized twice.
     """
-    ids = torch.tensor([prompt_token_ids(tokenizer, p) for p in prompts], device=text_encoder.device)
+    known = token_ids or [None] * len(prompts)
+    ids = torch.tensor([list(k) if k else prompt_token_ids(tokenizer, p) for p, k in zip(prompts, known)],
+                       device=text_encoder.device)
     return encode_ids(ids) if encode_ids is not None else text_encoder(ids)[0]
 
 

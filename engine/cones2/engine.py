@@ -35,7 +35,7 @@ from .runners import make_runner
 from .reuse import StepPlan
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
-from .tokens import SEQ_LEN, SubjectTokens, locate_subject, prompt_token_ids
+from .tokens import SEQ_LEN, Located, SubjectTokens, locate_subject, prompt_token_ids
 
 log = logging.getLogger("cones2.engine")
 
@@ -322,15 +322,16 @@ class Engine:
         """Validate `request` against this model: residual widths, every subject and layout word in
         the prompt (within its 77 tokens), residual rows against the word's tokens, every layout
         region still visible at the request's size. Raises `Cones2Error` naming the field; returns
-        each subject's token positions. `generate` makes the same checks; a service calls this before
-        queueing, so a bad request never joins a batch."""
+        each subject's token positions (a `Located`: it also keeps the prompt's token ids, which
+        `generate_batch(located=...)` encodes as they are). `generate` makes the same checks; a service
+        calls this before queueing, so a bad request never joins a batch."""
         request = self.resolve(request)
-        tokens = self._locate_subjects(request)
+        located = self._locate_subjects(request)
         if request.layout is not None:
             request.layout.masks(request.config.height, request.config.width)  # a vanished region is an error
-        return list(tokens.values())
+        return located
 
-    def _locate_subjects(self, request: GenerationRequest) -> dict[str, SubjectTokens]:
+    def _locate_subjects(self, request: GenerationRequest) -> Located:
         """Each subject's and layout word's token positions, with the residual checks of `check`."""
         with self._tokenizer_lock:
             ids = prompt_token_ids(self.tokenizer, request.prompt)
@@ -347,7 +348,7 @@ class Engine:
             for name in request.layout.names if request.layout else ():
                 if name not in tokens:
                     tokens[name] = locate_subject(self.tokenizer, ids, name, field="layout", prompt=request.prompt)
-        return tokens
+        return Located(tokens.values(), ids)
 
     def _check_base_model(self, name: str, residual: Residual, allow_foreign: bool) -> None:
         """A residual recorded as trained on other weights is refused (unless allowed); one whose
@@ -467,13 +468,13 @@ class Engine:
     def _prepare(self, req: GenerationRequest, runner, located: list[SubjectTokens] | None = None) -> _Prepared:
         """Embeddings with residuals composed in, and the per-level weight maps, for one request
         (`located`: `check`'s answer for it, if already known)."""
-        if located is not None:
-            tokens = {t.name: t for t in located}
-        else:
-            tokens = self._locate_subjects(req)   # `check` without the region raster: weight_maps does that
-        with self._tokenizer_lock:
+        if located is None:
+            located = self._locate_subjects(req)   # `check` without the region raster: weight_maps does that
+        tokens = {t.name: t for t in located}
+        with self._tokenizer_lock:     # the prompt's ids as `check` found them (a plain list has none)
             cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, [req.prompt, req.negative_prompt],
-                                          getattr(runner, "encode_ids", None))
+                                          getattr(runner, "encode_ids", None),
+                                          [getattr(located, "prompt_ids", None), None])
         cond = add_residuals(cond, [(tokens[n], r) for n, r in req.subjects.items()])
         weights = None
         if req.layout is not None:

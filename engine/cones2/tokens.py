@@ -58,6 +58,16 @@ class SubjectTokens:
     residual_starts: tuple[int, ...]
 
 
+class Located(list):
+    """`Engine.check`'s answer: each subject's `SubjectTokens` (a plain list to its callers) plus
+    `prompt_ids`, the prompt's 77 token ids they were found in, so that preparing the request for
+    sampling encodes those ids instead of tokenizing the prompt again."""
+
+    def __init__(self, subjects=(), prompt_ids=()):
+        super().__init__(subjects)
+        self.prompt_ids = tuple(prompt_ids)
+
+
 def locate_subject(tokenizer, prompt_ids: list[int], name: str, explicit: list[int] | None = None,
                    field: str = "subjects", prompt: str | None = None) -> SubjectTokens:
     """Find `name` in the prompt; a subject that is not there is an error that names it.

@@ -109,8 +109,9 @@ def run(args) -> int:
     server = Server(lambda: load_engine(args, checked), options)
 
     def banner() -> str:
-        extra = "".join(f", {what} on http://{args.host}:{port}{path}" for what, port, path in
-                        (("HTTP/JSON", server.http_port, "/v1"), ("metrics", server.metrics_port, "/metrics")) if port)
+        extra = "".join(f", {what} on {_url(args.host, port)}{path}" for what, port, path in
+                        (("HTTP/JSON", server.http_port, "/v1"), ("studio", server.http_port, "/"),
+                         ("metrics", server.metrics_port, "/metrics")) if port)
         return f"SERVING on {server.address} ({args.workers} worker(s), {threads} torch thread(s){extra})"
 
     return serve_until_signal(server.start, lambda: server.wait_ready(0.2), server.stop, banner, args.grace)
@@ -174,11 +175,16 @@ def _run_ray(args, token: str | None, checked: dict | None) -> int:
     service = RayService(options, spec)
     scale = (f"{options.min_replicas}..{options.max_replicas} replicas (autoscaling, {options.replicas} at start)"
              if options.autoscaling else f"{options.replicas} replica(s)")
-    http = f", HTTP/JSON on http://{options.host}:{options.http_port}/v1" if options.http_port else ""
+    web = _url(options.host, options.http_port)
+    http = f", HTTP/JSON on {web}/v1, studio on {web}/" if options.http_port else ""
     device = "1 GPU" if spec.device.startswith("cuda") else f"{options.replica_cpus:g} CPU"
     banner = (f"SERVING on [::]:{options.grpc_port} (every interface) via Ray Serve ({scale}, {device} each{http})")
-    return serve_until_signal(service.start, lambda: True, lambda grace=None: service.stop(), lambda: banner,
-                              options.grace_seconds)
+    return serve_until_signal(service.start, lambda: True, service.stop, lambda: banner, options.grace_seconds)
+
+
+def _url(host: str, port: int) -> str:
+    """http://host:port, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _token(args) -> str | None:

@@ -301,9 +301,10 @@ class Worker(threading.Thread):
     `ready` is set once warm, or failed (then `error` holds why)."""
 
     def __init__(self, name: str, engine_factory: Callable[[], Engine], jobs: JobQueue, options: "CoreOptions",
-                 on_batch: Callable[[int], None]):
+                 on_batch: Callable[[int], None], on_death: Callable[["Worker"], None] = lambda _w: None):
         super().__init__(name=name, daemon=True)
         self.engine_factory, self.jobs, self.options, self.on_batch = engine_factory, jobs, options, on_batch
+        self.on_death = on_death          # called (in this thread) when the thread dies of an error
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -335,6 +336,7 @@ class Worker(threading.Thread):
                     log.exception("%s: the worker stopped", self.name)
                     for job in batch:
                         job.finish(WorkerStopped("the engine worker stopped while running this request; retry it"))
+                    self.on_death(self)
                     raise
                 finally:
                     self.jobs.batch_ended(len(batch))
@@ -381,7 +383,7 @@ class Worker(threading.Thread):
             for k, job in enumerate(batch):
                 job.progress(i + 1, n, latents[k])
 
-        located = None if any(j.located is None for j in batch) else [list(j.located) for j in batch]
+        located = None if any(j.located is None for j in batch) else [j.located for j in batch]
         return self.engine.generate_batch([j.request for j in batch], progress=False, on_step=on_step,
                                           should_stop=should_stop, located=located)
 
@@ -423,8 +425,8 @@ class Core:
         self.options = o = options or CoreOptions()
         self.jobs = JobQueue(o.max_queue)
         self.metrics = Metrics(self.jobs.depth, lambda: self.jobs.stats.running, o.max_batch)
-        self.workers = [Worker(f"cones2-worker-{i}", engine_factory, self.jobs, o, self.metrics.batch_size.observe)
-                        for i in range(o.workers)]
+        self.workers = [Worker(f"cones2-worker-{i}", engine_factory, self.jobs, o, self.metrics.batch_size.observe,
+                               self._worker_died) for i in range(o.workers)]
         self.engine: Engine | None = None
         self.store: ResidualStore | None = None
         self.ready = threading.Event()           # set when warm, or when loading failed
@@ -433,11 +435,16 @@ class Core:
         self._inflight, self._idle = 0, threading.Condition()
         self._by_id: dict[str, Job] = {}
         self._on_ready: list[Callable[[], None]] = []
+        self._on_dead: list[Callable[[], None]] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def start(self, on_ready: Callable[[], None] | None = None) -> "Core":
+    def start(self, on_ready: Callable[[], None] | None = None, on_dead: Callable[[], None] | None = None) -> "Core":
+        """Start the workers. on_ready(): once warm; on_dead(): once every worker has died (health
+        turns NOT_SERVING: nothing can be answered any more)."""
         if on_ready is not None:
             self._on_ready.append(on_ready)
+        if on_dead is not None:
+            self._on_dead.append(on_dead)
         for w in self.workers:
             w.start()
         threading.Thread(target=self._become_ready, name="cones2-ready", daemon=True).start()
@@ -479,6 +486,16 @@ class Core:
                      self.engine.device, self.engine.default_backend, len(self.workers), self.options.max_batch,
                      self.options.max_queue)
         self.ready.set()
+
+    def _worker_died(self, worker: Worker) -> None:
+        """A worker thread is dying (it is still alive while this runs): the last one takes the
+        service down (not ready in the metrics, `on_dead` callbacks)."""
+        if any(w is not worker and w.is_alive() for w in self.workers):
+            return
+        log.error("every engine worker has stopped: not serving")
+        self.metrics.ready.set(0)
+        for callback in self._on_dead:
+            callback()
 
     def stop_accepting(self) -> None:
         """Drain step 1: new calls get UNAVAILABLE (ShuttingDown); work in flight goes on."""

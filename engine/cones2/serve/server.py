@@ -122,7 +122,8 @@ class Server:
             raise exc if isinstance(exc, Cones2Error) else Cones2Error(
                 f"cannot serve metrics on {o.host}:{o.metrics_port} ({exc})", "metrics_port") from None
         self._grpc.start()
-        self.core.start(on_ready=lambda: self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        self.core.start(on_ready=lambda: self._set_health(health_pb2.HealthCheckResponse.SERVING),
+                        on_dead=lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         log.info("listening on %s:%d (%s); loading the model", o.host, self.port, "TLS" if o.tls_cert else "plaintext")
         return self
 

@@ -62,7 +62,7 @@ class ValidatedRequest:
     request: GenerationRequest
     output_format: str         # "png" or "latents"
     preview_every: int
-    located: tuple | None = None   # `Engine.check`'s subject tokens: the worker does not search the prompt again
+    located: list | None = None    # `Engine.check`'s answer: the worker neither tokenizes nor searches the prompt again
 
 
 _FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_LATENTS: "latents"}
@@ -94,7 +94,7 @@ def validate(msg: pb.GenerateRequest, engine, store: ResidualStore, limits: Limi
     request = GenerationRequest(msg.prompt, subjects, layout, config, positions or None,
                                 negative_prompt=msg.negative_prompt)  # checks both prompts
     located = engine.check(request)
-    return ValidatedRequest(request, _FORMATS[msg.output_format], msg.preview_every, tuple(located))
+    return ValidatedRequest(request, _FORMATS[msg.output_format], msg.preview_every, located)
 
 
 def _check_shape(msg: pb.GenerateRequest, limits: Limits) -> None:

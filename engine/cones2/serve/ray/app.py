@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 APP_NAME = "cones2"
 ENGINE_DEPLOYMENT = "Cones2Engine"
 INGRESS_DEPLOYMENT = "Cones2Ingress"
-# Import paths Ray Serve's gRPC proxy loads: cones2.v1.Cones2Service from the checked-in stubs (with a
-# decoder that never raises, see deployment.add_Cones2ServiceServicer_to_server) and the health service.
+# Import paths Ray Serve's gRPC proxy loads: cones2.v1.Cones2Service and grpc.health.v1.Health, both
+# with a decoder that never raises (deployment.add_Cones2ServiceServicer_to_server).
 GRPC_SERVICER_FUNCTIONS = [
     "cones2.serve.ray.deployment.add_Cones2ServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "cones2.serve.ray.deployment.add_HealthServicer_to_server",
 ]
 # Environment the replicas need to resolve the model the way this process does (the embedded
 # default, a test's tiny model, the cache folder), whatever environment the Ray workers started in.
@@ -197,12 +197,20 @@ class RayService:
         log.info("deployed %s in %.1fs", APP_NAME, time.monotonic() - start)
         return self
 
-    def stop(self) -> None:
-        """Delete the application (replicas drain for up to grace_seconds); a Ray this service
-        started is shut down with it. Idempotent."""
+    def stop(self, grace: float | None = None) -> None:
+        """Drain, then delete the application: the ingress answers health NOT_SERVING and new calls
+        UNAVAILABLE while the calls in flight get up to `grace` seconds (default grace_seconds) to
+        finish; then the application is deleted, and a Ray this service started shut down. Idempotent."""
         if self._stopped or not ray.is_initialized():
             return
         self._stopped = True
+        grace = self.options.grace_seconds if grace is None else grace
+        if self.handle is not None and grace > 0:
+            try:
+                left = self.handle.drain.remote(grace).result(timeout_s=grace + 60)
+                log.info("drained%s", f"; {left} call(s) still running" if left else "")
+            except Exception as exc:  # noqa: BLE001 (the ingress is gone: nothing to drain)
+                log.warning("draining: %s", exc)
         try:
             serve.delete(APP_NAME, _blocking=True)
         except Exception as exc:  # noqa: BLE001 (never deployed, or already gone)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
 from ray import serve
 
 from ...threads import configure_threads
@@ -34,6 +35,11 @@ def add_Cones2ServiceServicer_to_server(servicer, server) -> None:  # noqa: N802
     """What Ray Serve's gRPC proxy loads: the service registered by `handlers.add_service`, whose
     decoder never raises (undecodable bytes reach the ingress as `Undecodable`: INVALID_ARGUMENT)."""
     add_service(server, servicer, SERVICE)
+
+
+def add_HealthServicer_to_server(servicer, server) -> None:  # noqa: N802 (grpc_health's name)
+    """grpc.health.v1.Health with the same decoder: grpc_health's own answers bad bytes UNKNOWN."""
+    add_service(server, servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
 
 
 @dataclass

@@ -2,12 +2,14 @@
 
 It checks the token (`auth.Token`), forwards each call to an engine replica (deployment.py) through
 a deployment handle and sets the status: a replica that died with the request in flight becomes
-UNAVAILABLE (retry: nothing finished), Ray's own queue bound RESOURCE_EXHAUSTED.
+UNAVAILABLE (retry: nothing finished), Ray's own queue bound RESOURCE_EXHAUSTED. At shutdown
+`drain` turns health NOT_SERVING and new calls UNAVAILABLE while the calls in flight finish.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -17,11 +19,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from .. import cones2_pb2 as pb
 from ..auth import MESSAGE as AUTH_MESSAGE
 from ..auth import Token
-from ..core import HTTP_STATUS, status_of
+from ..core import HTTP_STATUS, ShuttingDown, status_of
 from ..handlers import Undecodable
+from ..studio_assets import HEADERS as STUDIO_HEADERS
+from ..studio_assets import studio_asset
 from .deployment import REPLICA_METADATA, SERVICE_NAME, Reply
 
 log = logging.getLogger(__name__)
+_SHUTTING_DOWN = status_of(ShuttingDown("the server is shutting down"))
 
 
 class Cones2Ingress:
@@ -30,12 +35,21 @@ class Cones2Ingress:
 
     def __init__(self, engine, auth_token: str | None = None):
         self.engine, self.token = engine, Token(auth_token)
+        self._by_id: dict[str, object] = {}   # HTTP X-Request-Id -> the replica call answering it
+        self._cancelled: set[str] = set()     # ids whose call was cancelled through the Cancel route
+        self.draining, self._inflight = False, 0
+
+    async def drain(self, grace: float) -> int:
+        """Shutdown step 1 (`RayService.stop`): refuse new calls, wait up to `grace` seconds for the
+        calls in flight; returns how many were still running."""
+        self.draining, end = True, time.monotonic() + grace
+        while self._inflight and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        return self._inflight
 
     async def GenerateStream(self, request, grpc_context=None):
-        replica = ""
         async for reply in self._stream(request, grpc_context is None or self.token.allows_metadata(
                 grpc_context.invocation_metadata())):
-            replica = reply.replica or replica
             _set_status(grpc_context, reply)
             if reply.code != "OK":
                 raise _Failed(reply.details)      # Ray Serve keeps the code set on grpc_context
@@ -43,26 +57,32 @@ class Cones2Ingress:
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
         """SERVING when an engine replica answers within 5 s (for "" and "cones2.v1.Cones2Service")."""
-        if request.service not in ("", SERVICE_NAME):
-            _set_status(grpc_context, Reply(None, "NOT_FOUND", f"unknown service {request.service!r}"))
+        if isinstance(request, Undecodable) or request.service not in ("", SERVICE_NAME):
+            _set_status(grpc_context, Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} "
+                                            "message") if isinstance(request, Undecodable) else
+                        Reply(None, "NOT_FOUND", f"unknown service {request.service!r}"))
             return health_pb2.HealthCheckResponse()
         reply = await self._forward("GetServerInfo", pb.GetServerInfoRequest(), timeout=5.0)
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if reply.code == "OK"
                                               else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def __call__(self, request):
-        """HTTP/JSON through Ray Serve's HTTP proxy: the routes of `cones2.serve.http_json` (not
-        cancel-by-id nor /metrics: close the stream to cancel; Ray exports its own metrics)."""
+        """HTTP/JSON through Ray Serve's HTTP proxy: the routes of `cones2.serve.http_json` and the
+        studio page, but /metrics (Ray exports its own). Cancel-by-id works because this ingress is
+        one replica: it holds every call it forwards."""
         from starlette.responses import Response, StreamingResponse
 
         from ..json_mapping import decode, encode, error_body, route
 
         def error(reply: Reply) -> Response:
+            retry = {"Retry-After": "1"} if reply.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else {}
             return Response(error_body(reply.code, reply.details), HTTP_STATUS.get(reply.code, 500),
-                            media_type="application/json", headers={REPLICA_METADATA: reply.replica})
+                            media_type="application/json", headers={REPLICA_METADATA: reply.replica} | retry)
 
+        if request.method == "GET" and (page := studio_asset(request.url.path)) is not None:   # the studio page
+            return Response(page[0], media_type=page[1], headers=STUDIO_HEADERS)
         found = route(request.method, request.url.path)
-        if found is None or found[0] in ("Cancel", "Metrics"):
+        if found is None or found[0] == "Metrics":
             return error(Reply(None, "NOT_FOUND", f"no route {request.method} {request.url.path} on Ray Serve"))
         method, arg = found
         if method == "Health":
@@ -70,39 +90,78 @@ class Cones2Ingress:
             return Response(b'{"status": "%s"}' % (b"SERVING" if up else b"NOT_SERVING"), 200 if up else 503)
         if not self.token.allows(request.headers.get("authorization")):
             return error(Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE))
+        if method == "Cancel":
+            if arg not in self._by_id:
+                return error(Reply(None, "NOT_FOUND", f"request_id: no request {arg!r} in flight"))
+            self._cancelled.add(arg)
+            self._by_id[arg].cancel()         # Ray cancels the replica's coroutine: the core drops the job
+            return Response(b"{}", media_type="application/json")
+        rid = request.headers.get("x-request-id", "")
         try:
             msg = decode(method, await request.body(), arg)
         except Exception as exc:  # noqa: BLE001 (a Cones2Error naming "request")
             return error(Reply(None, *status_of(exc)))
         if method == "GenerateStream":
             async def lines():
-                async for reply in self._stream(msg, True):
+                async for reply in self._stream(msg, True, rid):
                     yield (encode(reply.message) if reply.code == "OK" else
                            b'{"error": %s}' % error_body(reply.code, reply.details)) + b"\n"
             return StreamingResponse(lines(), media_type="application/x-ndjson")
-        reply = await self._forward(method, msg)
+        reply = await self._forward(method, msg, request_id=rid)
         return error(reply) if reply.code != "OK" else Response(
             encode(reply.message), media_type="application/json", headers={REPLICA_METADATA: reply.replica})
 
-    async def _stream(self, request, allowed: bool):
+    async def _stream(self, request, allowed: bool, request_id: str = ""):
         if not allowed:
             yield Reply(None, "UNAUTHENTICATED", AUTH_MESSAGE)
         elif isinstance(request, Undecodable):
             yield Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
+        elif self.draining:
+            yield Reply(None, *_SHUTTING_DOWN)
         else:
+            call = self._hold(self.engine.options(stream=True).generate_stream.remote(request), request_id)
             try:
-                async for reply in self.engine.options(stream=True).generate_stream.remote(request):
+                async for reply in call:
                     yield reply
-            except Exception as exc:  # noqa: BLE001 (the replica died, or Ray refused the call)
-                yield Reply(None, *_ray_status(exc))
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (a replica died, Ray refused)
+                yield self._failure(exc, request_id)
+            finally:
+                self._release(request_id)
 
-    async def _forward(self, method: str, request, timeout: float | None = None) -> Reply:
+    async def _forward(self, method: str, request, timeout: float | None = None, request_id: str = "") -> Reply:
         if isinstance(request, Undecodable):
             return Reply(None, "INVALID_ARGUMENT", f"request: not a valid {request.type_name} message")
+        if self.draining:        # health too: NOT_SERVING while draining
+            return Reply(None, *_SHUTTING_DOWN)
+        call = self._hold(self.engine.call.remote(method, request), request_id)
         try:
-            return await asyncio.wait_for(self.engine.call.remote(method, request), timeout)
-        except Exception as exc:  # noqa: BLE001 (the replica died, or Ray refused the call)
-            return Reply(None, *_ray_status(exc))
+            return await asyncio.wait_for(call, timeout)
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (a replica died, Ray refused)
+            return self._failure(exc, request_id)
+        finally:
+            self._release(request_id)
+
+    def _hold(self, call, request_id: str):
+        """Count `call` in flight (the drain waits for it); keep it under `request_id` for Cancel."""
+        self._inflight += 1
+        if request_id:
+            self._by_id[request_id] = call
+        return call
+
+    def _failure(self, exc: BaseException, request_id: str) -> Reply:
+        """CANCELLED when the Cancel route stopped the call; a CancelledError otherwise is this
+        call's own (the client left): re-raised; the rest as `_ray_status`."""
+        if request_id and request_id in self._cancelled:
+            return Reply(None, "CANCELLED", "cancelled by the client")
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        return Reply(None, *_ray_status(exc))
+
+    def _release(self, request_id: str) -> None:
+        self._inflight -= 1
+        if request_id:
+            self._by_id.pop(request_id, None)
+            self._cancelled.discard(request_id)
 
 
 def _unary(method: str):

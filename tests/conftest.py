@@ -16,7 +16,9 @@ os.environ.setdefault("CONES2_BACKEND", "sdpa")
 
 from cones2.threads import configure_threads  # noqa: E402
 
-configure_threads(None)   # the commands' measured default (one thread on a 2-core machine), for the suite too
+# The commands' default for the suite too: threads fitted to the run queue at start (every usable core
+# when nothing else runs, the free cores beside other work, one when oversubscribed; cones2/threads.py).
+configure_threads(None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU in tests
-# The suite tests each backend by name against the SPEC reference; pinning the default to `sdpa`
-# keeps the many engines it builds from each exporting their tiny model to ONNX on first use. The
-# CPU default itself (onnxruntime with a cached export) is tested with this unset:
-# tests/test_cpu_default.py.
+# The suite tests each backend by name against the SPEC reference; pinning the default to `sdpa` (the
+# CPU default since issue 29) keeps the many engines it builds on one backend whatever the default
+# becomes, so none of them exports its tiny model to ONNX. The default itself is tested with this
+# unset: tests/test_cpu_default.py, tests/test_backend_registry.py, the demo tests.
 os.environ.setdefault("CONES2_BACKEND", "sdpa")
 
 from cones2.threads import configure_threads  # noqa: E402

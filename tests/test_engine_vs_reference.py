@@ -138,11 +138,11 @@ def _backend_class(backend: str) -> str:
 
 @pytest.mark.parametrize("case_name,backend", RUNS)
 def test_engine_matches_spec_reference(engines, reference_results, case_name, backend, monkeypatch):
-    """`onnxruntime` (the CPU default) runs the export the engine makes on first use and caches;
+    """`onnxruntime` (named without onnx_dir) runs the export the engine makes on first use and caches;
     `triton` runs the fused kernel under TRITON_INTERPRET=1 (conftest)."""
     if backend == "onnxruntime":
-        import_or_skip("onnxruntime", "the CPU default needs the export extra")
-        import_or_skip("onnxscript", "the CPU default needs the export extra")
+        import_or_skip("onnxruntime", "the onnxruntime backend needs the export extra")
+        import_or_skip("onnxscript", "the onnxruntime backend needs the export extra")
     if backend == "triton":
         import_or_skip("triton", "the triton backend needs the [triton] extra")
     case = CASES[case_name]

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/cones2-engine
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-latest lock bench cuda gpu-check gpu-check-dry gpu-wheels clean
+.PHONY: setup demo test test-integration test-slow test-latest lock bench cuda gpu-check gpu-check-dry gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ demo: setup
 # The CI suite (CPU; Triton kernels run under the interpreter).
 test: setup
 	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q
+
+# Whole-script and one-off-export checks kept out of `make test` for its time; CI (.ci/run) runs them after it.
+test-integration: setup
+	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q -m integration
 
 # Longer checks kept out of `make test` (full-size shapes, long training); run before releases.
 test-slow: setup

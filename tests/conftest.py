@@ -8,15 +8,17 @@ import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU in tests
-# The suite tests each backend by name against the SPEC reference; pinning the default to `sdpa`
-# keeps the many engines it builds from each exporting their tiny model to ONNX on first use. The
-# CPU default itself (onnxruntime with a cached export) is tested with this unset:
-# tests/test_cpu_default.py.
+# The suite tests each backend by name against the SPEC reference; pinning the default to `sdpa` (the
+# CPU default since issue 29) keeps the many engines it builds on one backend whatever the default
+# becomes, so none of them exports its tiny model to ONNX. The default itself is tested with this
+# unset: tests/test_cpu_default.py, tests/test_backend_registry.py, the demo tests.
 os.environ.setdefault("CONES2_BACKEND", "sdpa")
 
 from cones2.threads import configure_threads  # noqa: E402
 
-configure_threads(None)   # the commands' measured default (one thread on a 2-core machine), for the suite too
+# The commands' default for the suite too: threads fitted to the run queue at start (every usable core
+# when nothing else runs, the free cores beside other work, one when oversubscribed; cones2/threads.py).
+configure_threads(None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -54,6 +54,7 @@ def test_the_cpu_default_is_sdpa_and_exports_nothing(unpinned, tiny_model_dir, m
     assert calls == [] and cached() == before
 
 
+@pytest.mark.integration   # the only test of the cached (fused) export: ~50 s idle, opt-in since issue 29
 def test_onnxruntime_exports_once_and_finds_it_again(tiny_model_dir, monkeypatch, caplog):
     first = cones2.Engine.from_pretrained(tiny_model_dir, backend="onnxruntime")
     assert (first.default_backend, first.backend_reason) == ("onnxruntime", "requested")

@@ -77,6 +77,7 @@ def test_kernel_numerics_script_on_the_interpreter(tmp_path):
     assert rows["triton", "fp32"]["max_abs_err"] < 1e-5 and rows["triton", "fp32"]["std_ok"]
 
 
+@pytest.mark.integration   # a whole bench/latency.py run with its attention sweep up to 9216 queries: ~20 s idle
 def test_one_step_latency_run_writes_every_section(tmp_path, tiny_model_dir):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "bench" / "latency.py"), "--model", str(tiny_model_dir), "--steps", "1",
@@ -118,6 +119,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.integration   # a bench/latency.py process with a torch.compile attempt: ~13 s idle
 def test_latency_compile_falls_back_to_eager_on_a_graph_break(tmp_path, tiny_model_dir):
     """A graph break under fullgraph=True (as a GPU's torch may hit) does not lose the run: bench/latency.py
     logs why, measures eager, and its JSON says that compile was asked for and what happened."""

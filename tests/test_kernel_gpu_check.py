@@ -30,9 +30,12 @@ def _run(*args, env: dict | None = None, timeout: int = 2100) -> subprocess.Comp
                           timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.integration
 def test_dry_run_runs_every_step_end_to_end(tmp_path):
     """The dry run (conftest points the default model at the tiny one) passes every step, writes the
-    results as it goes, and the compiled latency step really compiled (torch.compile, aot_eager)."""
+    results as it goes, and the compiled latency step really compiled (torch.compile, aot_eager).
+    `integration` (make test-integration, run by CI after make test): eight steps, seven of them a
+    fresh interpreter importing torch, a wheel build and a torch.compile trace; about 70 s idle."""
     import_or_skip("triton", "triton is not installed")
     out, bundle = tmp_path / "out", tmp_path / "bundle"
     run = _run("--dry-run", out, bundle)

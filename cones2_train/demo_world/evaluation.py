@@ -49,7 +49,8 @@ class Settings:
     (prompt i uses seed i). steps None: PAPER_EXACT_STEPS in paper-exact mode, the mode's default
     otherwise. Residuals: trained for `residual_steps` at `residual_lr` with `residual_train_prompt`
     (or loaded from `residuals_from`), scored on `residual_prompts` generations each; `named` also
-    scores prompts that spell each instance out. The guidance settings are `SamplingConfig`'s."""
+    scores prompts that spell each instance out. The guidance settings and `fast` mode's work-reuse
+    knobs (gate_step, cache_interval; None = the mode's default) are `SamplingConfig`'s."""
 
     model: str | None = None
     counts: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
@@ -72,6 +73,8 @@ class Settings:
     strength: float = 2.5
     negative_weight: float = SamplingConfig.negative_weight
     layout_resize: str = LAYOUT_RESIZES[0]
+    gate_step: int | None = None
+    cache_interval: int | None = None
     margin: int = LAYOUT_MARGIN
     oracle: bool = False
     save_misses: str | None = None
@@ -110,7 +113,8 @@ def evaluate(settings: Settings, engine=None) -> dict:
 
             engine = cones2.Engine.from_pretrained(s.model)
         source = ModelImages(engine, s.steps, s.cfg, s.batch, s.guidance_steps, s.strength, mode=s.mode,
-                             layout_resize=s.layout_resize, negative_weight=s.negative_weight)
+                             layout_resize=s.layout_resize, negative_weight=s.negative_weight,
+                             gate_step=s.gate_step, cache_interval=s.cache_interval)
     t0 = time.perf_counter()
     results = {"model": "oracle" if s.oracle else (s.model or "embedded default"), "settings": asdict(s),
                "layout": evaluate_layout(source, s.counts, s.prompts, s.progress, s.margin, s.first_prompt,
@@ -128,10 +132,12 @@ class ModelImages:
 
     def __init__(self, engine, steps: int, cfg: float, batch: int, guidance_steps: int | None = None,
                  strength: float = 2.5, mode: str = "paper-exact", layout_resize: str = "aligned-corners",
-                 negative_weight: float = SamplingConfig.negative_weight):
+                 negative_weight: float = SamplingConfig.negative_weight, gate_step: int | None = None,
+                 cache_interval: int | None = None):
         self.engine, self.batch, self.strength = engine, batch, strength
         self.settings = dict(steps=steps, cfg_scale=cfg, mode=mode, guidance_steps=guidance_steps,
-                             layout_resize=layout_resize, negative_weight=negative_weight)
+                             layout_resize=layout_resize, negative_weight=negative_weight, gate_step=gate_step,
+                             cache_interval=cache_interval)
 
     def _layout(self, boxes):
         import cones2

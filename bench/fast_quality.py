@@ -125,19 +125,24 @@ def table(result: dict) -> str:
         lines.append("| paper-exact | reference | - | " + " | ".join(fmt(ref.get(k)) for k in keys) + " |")
     for r in result["rows"]:
         work = " / ".join("-" if c is None else f"{c:.2f}" for c in r["unet_calls"])
-        lines.append(f"| {', '.join(r['families']) or '-'} | {r['point']} | {work} | "
+        family = "defaults (every family)" if len(r["families"]) == len(FAMILIES) else ", ".join(r["families"]) or "-"
+        lines.append(f"| {family} | {r['point']} | {work} | "
                      + " | ".join(fmt(r.get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
 
 def headline(result: dict, args) -> dict:
     """The RESULTS.md row: per point, its work (last shape) and the lowest of each guided figure."""
-    def point(r):
-        low = ", ".join(f"{k} {min(r[k]):.3f}" for k in FIGURES if r.get(k))
-        calls = r["unet_calls"][-1]
-        return f"{r['point']} ({'-' if calls is None else f'{calls:.1f}'} calls) {low}"
+    def figures(r):
+        low = [f"{k} {min(r[k]):.3f}" for k in FIGURES if r.get(k)]
+        exact = [f"exact {k} {fmt(r[k])}" for k in ("alone", "composed", "demo") if r.get(k)]
+        return ", ".join(low + exact)
 
-    ref = ", ".join(f"{k} {min(v):.3f}" for k, v in result["paper_exact"].items() if k in FIGURES and v)
+    def point(r):
+        calls = r["unet_calls"][-1]
+        return f"{r['point']} ({'-' if calls is None else f'{calls:.1f}'} calls) {figures(r)}"
+
+    ref = figures(result["paper_exact"])
     return {"area": "fast-mode work vs quality, demo model",
             "headline": f"steps/guided/gate/interval (UNet-call equivalents at {result['shapes'][-1]}) and the lowest "
                         f"guided figure over 1-4 subjects, prompts {args.first_prompt}-"

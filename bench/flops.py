@@ -12,11 +12,11 @@ counted as the code makes it. One "UNet call" is one CFG-pair forward: batch 2, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+from harness.results import write_result
 from torch.utils.flop_counter import FlopCounterMode
 
 from cones2.attention import Cones2AttnProcessor
@@ -160,9 +160,24 @@ def main(argv=None) -> int:
     results = measure(shapes, [int(n) for n in args.subjects.split(",")], settings)
     print(table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_result(args.json, {k: v for k, v in vars(args).items() if k != "json"}, results, argv=argv,
+                     script="bench/flops.py", summaries=[headline(results)])
     return 0
+
+
+def headline(results: dict) -> dict:
+    """The RESULTS.md row: UNet-call equivalents of the standard settings at each shape."""
+    def at(label):
+        found = [next((r["unet_calls"] for r in shape["rows"] if r["setting"] == label), None)
+                 for shape in results.values()]
+        return " / ".join(f"{v:.2f}" for v in found if v is not None)
+
+    calls = " / ".join(f"{s['call_tflop']:.2f} TFLOP {name} {s['side']} px" for name, s in results.items())
+    labels = [label for label, _ in SETTINGS if label != SETTINGS[1][0]]
+    return {"area": "work per image (FLOPs, meta device)",
+            "headline": f"UNet-call equivalents per image (one call = a CFG-pair UNet forward: {calls}): "
+                        + "; ".join(f"{label} {at(label)}" for label in labels if at(label)),
+            "details": "../../docs/speed.md"}
 
 
 if __name__ == "__main__":

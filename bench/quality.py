@@ -10,6 +10,7 @@ detector). Prints tables; `--json` writes a results record (bench/harness/result
     python bench/quality.py --model DIR --no-residuals --layout-resize cell-centres --margin 8
     python bench/quality.py --model DIR --no-residuals --first-prompt 100 --prompts 200   # prompts not tuned on
     python bench/quality.py --model DIR --no-residuals --negative-weight -20 --save-misses out/misses
+    python bench/quality.py --model DIR --no-residuals --mode fast --steps 10 --gate-step 5 --cache-interval 2
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def parse_args(argv) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--named", action="store_true",
                    help="also score prompts that spell each instance out (\"a two-tone blue and yellow circle\")")
     p.add_argument("--guidance-steps", type=int, default=None, help="guided sampling steps (default: all)")
+    p.add_argument("--gate-step", type=int, default=None,
+                   help="fast mode: first step of the conditional-only tail with cached cross-attention "
+                        "(SamplingConfig.gate_step; default: the mode's)")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="fast mode: a full UNet pass every this many unguided steps, shallow ones between "
+                        "(SamplingConfig.cache_interval; default: the mode's)")
     p.add_argument("--strength", type=float, default=2.5, help="layout strength w+ of every subject")
     p.add_argument("--negative-weight", type=float, default=SamplingConfig.negative_weight,
                    help="w- outside each subject's box (SamplingConfig.negative_weight; default SPEC 3's hard "

@@ -28,7 +28,7 @@ LAYOUT = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
 def test_mode_defaults():
     assert SamplingConfig().steps == 50 and SamplingConfig().guidance_steps == 50
     fast = SamplingConfig(mode="fast")
-    assert (fast.steps, fast.guidance_steps, fast.gate_step, fast.cache_interval) == (12, 4, 6, 2)
+    assert (fast.steps, fast.guidance_steps, fast.gate_step, fast.cache_interval) == (10, 4, 5, 2)
     assert SamplingConfig(mode="fast", steps=25).guidance_steps == 9     # integer ceil of 33% of 25 = 8.25
     assert SamplingConfig(mode="fast", steps=20).guidance_steps == 7
     assert SamplingConfig(mode="fast", steps=20).gate_step == 10
@@ -207,10 +207,10 @@ def test_fast_defaults_through_the_api(tiny_engine, monkeypatch):
     monkeypatch.setattr(type(runner), "__call__", lambda self, *a: calls.append(a[3] is not None) or
                         torch.zeros_like(a[0]))
     layout = cones2.Layout.from_boxes(LAYOUT)
-    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", gate_step=12, cache_interval=1, height=64,
+    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", gate_step=10, cache_interval=1, height=64,
                                   width=64, progress=False)
-    assert (result.request.config.steps, result.request.config.guidance_steps) == (12, 4)
-    assert len(calls) == 12 + 4 and calls.count(True) == 8                  # without reuse: 16 CFG-pair calls
+    assert (result.request.config.steps, result.request.config.guidance_steps) == (10, 4)
+    assert len(calls) == 10 + 4 and calls.count(True) == 8                  # without reuse: 14 CFG-pair calls
     calls.clear()                                                           # (with it: tests/test_flops_calls.py)
     tiny_engine.generate(PROMPT, None, layout, height=64, width=64, progress=False)
     assert len(calls) == 100                                                # paper-exact: 50 steps, all guided
@@ -242,7 +242,7 @@ def test_cli_fast_mode_uses_the_fast_defaults(tiny_model_dir, tmp_path):
         torch.set_num_threads(threads)
     assert code == 0
     params = json.loads(Image.open(out).text["cones2"])
-    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 12, 4)
+    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 10, 4)
 
 
 # ---- issue 24 item 6: every draw taken before the loop, the same values as drawing per step ----------

@@ -1,10 +1,15 @@
 """`fast` mode's work reuse (engine/cones2/reuse.py, issue 24 item 2): the shallow pass and the
 cached cross-attention are checked against diffusers' own full UNet forward, the step plan against
-hand-written schedules, and the deviation of the whole generation is bounded."""
+hand-written schedules, and the deviation of the whole generation is bounded. A runner that cannot
+reuse work (compiled, exported) takes the plan's plain passes and gives the same fast image."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
+
+from ci_support import import_or_skip
 
 import cones2
 from cones2.errors import Cones2Error
@@ -94,3 +99,55 @@ def test_reuse_deviation_is_bounded(tiny_engine, knobs, bound):
     change = _relative_change(ours, base)
     print(f"{knobs}: relative change {change:.4f}")
     assert 1e-4 < change <= bound
+
+
+class OpaqueRunner:
+    """A UNet runner the sampler cannot reuse work on, as a compiled or exported one is (not a
+    `TorchUNetRunner`, no modules): the eager `sdpa` runner behind a plain call, counting its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, sample, timestep, embeddings, rectification):
+        self.calls += 1
+        return self.inner(sample, timestep, embeddings, rectification)
+
+
+def test_fast_on_a_runner_that_cannot_reuse_gives_the_same_image(tiny_engine, monkeypatch, caplog):
+    """The runner takes the plain CFG passes (the 8 guided ones of the default 10 / 4 / 5 / 2 plan);
+    the 6 that reuse work (step 4 records the cross-attention, steps 5-9 the conditional tail) run on
+    the eager UNet with sdpa: the latents equal sdpa's own fast run bit for bit; one log line says so."""
+    opaque = OpaqueRunner(tiny_engine.runner("sdpa"))
+    monkeypatch.setitem(tiny_engine._runners, "opaque", opaque)
+    layout = cones2.Layout.from_boxes(LAYOUT)
+    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False)
+    ref = tiny_engine.generate(PROMPT, None, layout, backend="sdpa", **kw)
+    with caplog.at_level(logging.INFO, logger="cones2.engine"):
+        got = [tiny_engine.generate(PROMPT, None, layout, backend="opaque", **kw) for _ in range(2)]
+    assert opaque.calls == 2 * 8
+    for g in got:
+        assert torch.equal(g.latents, ref.latents)
+    said = [r.getMessage() for r in caplog.records if "fast mode: opaque" in r.getMessage()]
+    assert len(said) == 1 and "6 of 14" in said[0] and "sdpa" in said[0], said
+
+
+def test_fast_on_onnxruntime_matches_sdpa(tiny_model_dir, tiny_engine, monkeypatch):
+    """The CPU default runner: fast's image on onnxruntime (the exported UNet for the plain passes,
+    its text encoder and VAE) equals sdpa's within the exported graph's own rounding, as paper-exact's
+    does (tests/test_engine_vs_reference.py: 2e-5 of the latent scale). The export is the session's
+    cached one of the tiny model (made once for the SPEC comparison)."""
+    import_or_skip("onnxruntime", "the onnxruntime backend needs the export extra")
+    import_or_skip("onnxscript", "the onnxruntime backend needs the export extra")
+    engine = cones2.Engine.from_pretrained(tiny_model_dir, backend="onnxruntime")
+    spy = OpaqueRunner(engine.runner("onnxruntime"))
+    spy.encode_ids, spy.decode = spy.inner.encode_ids, spy.inner.decode
+    monkeypatch.setitem(engine._runners, "onnxruntime", spy)
+    layout = cones2.Layout.from_boxes(LAYOUT)
+    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False)
+    ref = tiny_engine.generate(PROMPT, None, layout, backend="sdpa", **kw)
+    got = engine.generate(PROMPT, None, layout, **kw)
+    assert got.backend == "onnxruntime" and spy.calls == 8
+    scale = ref.latents.abs().max().item()
+    err = (got.latents - ref.latents).abs().max().item()
+    print(f"fast onnxruntime vs sdpa: max abs latent difference {err:.3g}, scale {scale:.3g}")
+    assert err <= 2e-5 * max(scale, 1.0)

@@ -49,7 +49,10 @@ class Settings:
     (prompt i uses seed i). steps None: PAPER_EXACT_STEPS in paper-exact mode, the mode's default
     otherwise. Residuals: trained for `residual_steps` at `residual_lr` with `residual_train_prompt`
     (or loaded from `residuals_from`), scored on `residual_prompts` generations each; `named` also
-    scores prompts that spell each instance out. The guidance settings are `SamplingConfig`'s."""
+    scores prompts that spell each instance out. The guidance settings and `fast` mode's work-reuse
+    knobs (gate_step, cache_interval; None = the mode's default) are `SamplingConfig`'s. unguided:
+    also sample each layout prompt without guidance (fidelity without it and what guidance changes;
+    False halves the layout part's work when only the guided figures matter)."""
 
     model: str | None = None
     counts: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
@@ -72,6 +75,9 @@ class Settings:
     strength: float = 2.5
     negative_weight: float = SamplingConfig.negative_weight
     layout_resize: str = LAYOUT_RESIZES[0]
+    gate_step: int | None = None
+    cache_interval: int | None = None
+    unguided: bool = True
     margin: int = LAYOUT_MARGIN
     oracle: bool = False
     save_misses: str | None = None
@@ -110,11 +116,12 @@ def evaluate(settings: Settings, engine=None) -> dict:
 
             engine = cones2.Engine.from_pretrained(s.model)
         source = ModelImages(engine, s.steps, s.cfg, s.batch, s.guidance_steps, s.strength, mode=s.mode,
-                             layout_resize=s.layout_resize, negative_weight=s.negative_weight)
+                             layout_resize=s.layout_resize, negative_weight=s.negative_weight,
+                             gate_step=s.gate_step, cache_interval=s.cache_interval)
     t0 = time.perf_counter()
     results = {"model": "oracle" if s.oracle else (s.model or "embedded default"), "settings": asdict(s),
                "layout": evaluate_layout(source, s.counts, s.prompts, s.progress, s.margin, s.first_prompt,
-                                         s.save_misses)}
+                                         s.save_misses, s.unguided)}
     if not s.no_residuals:
         with tempfile.TemporaryDirectory() as tmp:
             results["residuals"] = evaluate_residuals(source, engine, s, Path(tmp))
@@ -128,10 +135,12 @@ class ModelImages:
 
     def __init__(self, engine, steps: int, cfg: float, batch: int, guidance_steps: int | None = None,
                  strength: float = 2.5, mode: str = "paper-exact", layout_resize: str = "aligned-corners",
-                 negative_weight: float = SamplingConfig.negative_weight):
+                 negative_weight: float = SamplingConfig.negative_weight, gate_step: int | None = None,
+                 cache_interval: int | None = None):
         self.engine, self.batch, self.strength = engine, batch, strength
         self.settings = dict(steps=steps, cfg_scale=cfg, mode=mode, guidance_steps=guidance_steps,
-                             layout_resize=layout_resize, negative_weight=negative_weight)
+                             layout_resize=layout_resize, negative_weight=negative_weight, gate_step=gate_step,
+                             cache_interval=cache_interval)
 
     def _layout(self, boxes):
         import cones2
@@ -221,9 +230,10 @@ def paired_fidelity_change(per_prompt: dict[bool, list[list[bool]]]) -> dict:
 
 
 def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT_MARGIN, first: int = 0,
-                    misses_dir: Path | None = None) -> dict:
+                    misses_dir: Path | None = None, unguided: bool = True) -> dict:
     """Prompts first .. first + prompts - 1 of each subject count; prompt i is sampled with seed i.
-    misses_dir: also save the prompts where guidance lost an object (`save_guidance_misses`)."""
+    misses_dir: also save the prompts where guidance lost an object (`save_guidance_misses`).
+    unguided=False: the guided images only (no comparison with unguided ones)."""
     results = {}
     for n in counts:
         t0 = time.perf_counter()
@@ -232,11 +242,15 @@ def evaluate_layout(source, counts, prompts, progress=True, margin: int = LAYOUT
         boxes = [layout_boxes(s, margin) for s in scenes]
         row = {"prompts": prompts, "chance": float(np.mean([box_chance(s, b) for s, b in zip(scenes, boxes)]))}
         per_prompt, images = {}, {}
-        for guided in (False, True):
+        for guided in ((False, True) if unguided else (True,)):
             images[guided] = source.layout([(s, b, i, guided) for i, s, b in zip(indices, scenes, boxes)])
             per_prompt[guided] = [score_scene(im, s, b) for s, b, im in zip(scenes, boxes, images[guided])]
             scores = [x for p in per_prompt[guided] for x in p]
             row["guided" if guided else "unguided"] = {**summarize(scores), "by_size": fidelity_by_size(scenes, scores)}
+        if not unguided:
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            results[str(n)] = row
+            continue
         row["fidelity_change"] = paired_fidelity_change({g: [[x.kind_ok for x in p] for p in per_prompt[g]]
                                                          for g in per_prompt})
         row["guidance_losses"] = guidance_loss_geometry(*([x for p in per_prompt[g] for x in p] for g in (False, True)))
@@ -419,10 +433,11 @@ def format_tables(results: dict) -> str:
              "| chance | containment w/o / with |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, row in results["layout"].items():
-        u, g = row["unguided"], row["guided"]
+        u, g = row.get("unguided", dict.fromkeys(("fidelity", "layout", "containment"), float("nan"))), row["guided"]
         lines.append(f"| {n} | {row['prompts']} | {u['fidelity']:.3f} | {g['fidelity']:.3f} | {u['layout']:.3f} | "
                      f"{g['layout']:.3f} | {row['chance']:.3f} | {u['containment']:.3f} / {g['containment']:.3f} |")
-    lines += layout_details(results["layout"])
+    if all("unguided" in row for row in results["layout"].values()):
+        lines += layout_details(results["layout"])
     res = results.get("residuals")
     if res:
         lines += ["", "| instance | images | kind present w/o / with | pattern w/o / with "

@@ -20,7 +20,7 @@ MODES = mode_names()   # re-exported: the table is `cones2.modes`
 class SamplingConfig:
     """How to sample one image. Every number is checked to be finite and in its range:
 
-    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 12 fast).
+    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 10 fast).
     guidance_steps: G, steps that use layout guidance and self-recurrence (None = the mode's default:
     all steps paper-exact, the first 33% fast; values above `steps` are clamped to `steps`, as the
     reference does). guidance_weight: g of SPEC 3, in [0, 10] (default 0.08). cfg_scale: classifier-free

@@ -31,7 +31,7 @@ from .loading import Components, load_components, parse_device, parse_dtype
 from .precision import default_dtype
 from .residual import Residual
 from .backends import ATTENTION, DEFAULT_ENV, RUNNER, default_backends, fallback, select_backend
-from .runners import make_runner
+from .runners import TorchUNetRunner, eager_runner_for, make_runner
 from .reuse import StepPlan
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
@@ -166,6 +166,7 @@ class Engine:
         self.compile = compile
         self._fingerprint: str | None = None
         self._warned: set[tuple[str, str]] = set()   # (subject, residual sha256) already warned about
+        self._said_eager: set[str] = set()            # backends whose fast-mode split was logged
         self.load_timings: dict[str, float] = {}   # from_pretrained: seconds loading weights, starting the backend
         if backend is not None:
             self.default_backend, self.backend_reason = select_backend(device, backend)
@@ -423,7 +424,8 @@ class Engine:
             inputs = self._batch_inputs(requests, prepared)
         with clock("sampling"):
             plan = StepPlan.make(c0.steps, c0.guidance_steps, c0.gate_step, c0.cache_interval)
-            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, plan=plan, progress=progress,
+            latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, plan=plan,
+                             eager=self._eager_for(runner, backend or self.default_backend, plan), progress=progress,
                              on_step=on_step, should_stop=should_stop)
         with clock("decode"):
             pixels = runner.decode(latents) if hasattr(runner, "decode") else self.decode(latents)
@@ -433,6 +435,21 @@ class Engine:
                            dict(timings), p.tokens, self.components.model_id, backend_name, self.fingerprint,
                            self.components.source)
                 for i, (r, p) in enumerate(zip(requests, prepared))]
+
+    def _eager_for(self, runner, name: str, plan: StepPlan) -> TorchUNetRunner | None:
+        """The eager PyTorch UNet that runs the passes of `plan` that reuse work when `runner` cannot
+        (a compiled or exported UNet: it takes the plain passes), so `fast` gives the same image on
+        every backend. Said once per backend in the log."""
+        if not plan.reuses or isinstance(runner, TorchUNetRunner):
+            return None
+        eager = eager_runner_for(runner, self.unet)
+        if name not in self._said_eager:
+            self._said_eager.add(name)
+            reusing = sum(not plan.plain(i) for i, _, _ in plan.unet_passes())
+            log.info("fast mode: %s runs the plain UNet passes; the %d of %d that reuse work run on the eager "
+                     "PyTorch UNet with %s attention (docs/speed.md)", name, reusing, len(plan.unet_passes()),
+                     eager.name)
+        return eager
 
     def warmup(self, resolutions: list[int | tuple[int, int]] | None = None, batch_sizes: list[int] = (1,), *,
                backend: str | None = None) -> dict[tuple[int, int, int], float]:

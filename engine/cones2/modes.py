@@ -49,12 +49,12 @@ MODES: dict[str, Mode] = {
     "paper-exact": Mode("paper-exact", EULER, default_steps=50, guidance_percent=100, cpu_noise=True,
                         proto="SAMPLING_MODE_PAPER_EXACT",
                         summary="SPEC 4's Euler sampler, CPU noise stream, bit-exact against the reference"),
-    # 12 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 4 (33%), both CFG branches up to
-    # step 5, then the conditional branch alone with cached cross-attention (gate 50%), deep features
-    # reused every other unguided step: 10 CFG-pair passes + 3 full and 3 shallow conditional-only ones,
-    # against paper-exact's 100 CFG-pair passes (bench/flops.py). Chosen on prompts 0-24, judged on
-    # 100-124: docs/speed.md, bench/results/fast_reuse/.
-    "fast": Mode("fast", DPMPP_2M, default_steps=12, guidance_percent=33, cpu_noise=False,
+    # 10 DPM-Solver++ 2M steps, guidance + self-recurrence on the first 4 (33%), both CFG branches up to
+    # step 4, then the conditional branch alone with cached cross-attention (gate 50%: step 5), deep
+    # features reused every other unguided step: 9 CFG-pair passes + 3 full and 2 shallow
+    # conditional-only ones, 10.8-10.9 UNet-call equivalents against paper-exact's 100 (bench/flops.py).
+    # Chosen on prompts 0-24, judged on 100-124: docs/speed.md, bench/results/fast_reuse/.
+    "fast": Mode("fast", DPMPP_2M, default_steps=10, guidance_percent=33, cpu_noise=False,
                  proto="SAMPLING_MODE_FAST",
                  summary="DPM-Solver++ 2M with work reuse (cached cross-attention tail, deep-feature reuse), "
                          "noise drawn on the device (docs/speed.md)",

@@ -10,7 +10,9 @@ Two techniques, both on diffusers' `UNet2DConditionModel` blocks, both off in `p
   steps). A full pass keeps the output of the second-to-last up block; a shallow pass runs only
   conv_in, the first down block, the last up block and conv_out on top of those kept features.
 
-`StepPlan` says which steps do what; `ReusingRunner` executes one pass of a plan on a PyTorch UNet.
+`StepPlan` says which steps do what; `ReusingRunner` executes the passes of a plan that reuse work
+on the eager PyTorch UNet. A plan's plain passes (full CFG pairs that record nothing) can run on any
+runner, so a compiled or exported UNet takes those and the image stays the same (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ class StepPlan:
             return FULL
         start = self.gate if i >= self.gate else self.guided
         return FULL if (i - start) % self.cache_interval == 0 else SHALLOW
+
+    def plain(self, i: int) -> bool:
+        """Step i is an ordinary full CFG-pair pass that records nothing: any UNet runner can take it."""
+        return (self.cfg(i) and self.depth(i) == FULL and not self.records_cross_attention(i)
+                and not self.records_deep_features(i))
 
     def records_cross_attention(self, i: int) -> bool:
         return self.gate < self.steps and i == self.gate - 1
@@ -129,7 +136,8 @@ def shallow_supported(unet) -> bool:
 
 
 class ReusingRunner:
-    """Runs the passes of a `StepPlan` on a `TorchUNetRunner`'s diffusers UNet and backend."""
+    """Runs the passes of a `StepPlan` that reuse work on a `TorchUNetRunner`'s diffusers UNet and
+    attention backend (the eager PyTorch UNet: its blocks are called one by one)."""
 
     def __init__(self, runner, batch: int):
         self.unet, self.backend = runner.unet, runner.backend

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionContext, Rectification
-from .backends import ATTENTION, attention_backend, get_spec
+from .backends import ATTENTION, BASE_ATTENTION, attention_backend, backend_names, get_spec
 from .errors import Cones2Error
 
 
@@ -32,6 +32,19 @@ class TorchUNetRunner:
                          cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
+def eager_runner_for(runner, unet) -> TorchUNetRunner:
+    """The eager PyTorch UNet with `runner`'s attention math, for the passes of `fast` mode that reuse
+    work (they call the UNet's blocks one by one): `runner` itself when it is one; for a compiled UNet,
+    its module and attention backend; for a UNet runner (ONNX Runtime, TensorRT), `unet` with the
+    exact base backend (`sdpa`), whose math the exported graphs reproduce."""
+    if isinstance(runner, TorchUNetRunner):
+        return runner
+    name = getattr(runner, "name", None)
+    if name in backend_names() and get_spec(name).kind == ATTENTION:
+        return TorchUNetRunner(getattr(runner, "unet", unet), name)
+    return TorchUNetRunner(unet, BASE_ATTENTION)
+
+
 def make_runner(name: str, engine, *, compile: bool = False, **options):
     """Build the runner for backend `name` on `engine` (options go to UNet runners, e.g. onnx_dir).
     compile: run the PyTorch UNet through torch.compile (`cones2.compiled`). It applies to attention
@@ -43,7 +56,11 @@ def make_runner(name: str, engine, *, compile: bool = False, **options):
                               "backend_options")
         if compile:
             from .compiled import CompiledUNetRunner
+            from .reuse import install_cross_attention_cache
 
+            # fast mode's eager passes wrap the cross-attention processors: wrap them before tracing
+            # (transparent without a cache), so they never change the modules the graphs guard on
+            install_cross_attention_cache(engine.unet)
             return CompiledUNetRunner(engine.unet, name, engine.device)
         return TorchUNetRunner(engine.unet, name)
     unknown = sorted(set(options) - {o.name for o in spec.options})

@@ -69,16 +69,19 @@ class BatchInputs:
 
 
 def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: list[float],
-           prediction_type: str, *, plan: StepPlan | None = None, progress: bool = True,
+           prediction_type: str, *, plan: StepPlan | None = None, eager: TorchUNetRunner | None = None,
+           progress: bool = True,
            on_step: Callable[[int, int, torch.Tensor], None] | None = None,
            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Run the sampler and return the final latents (R, C, h, w) float32 (before VAE decoding).
 
     schedule: timesteps, sigmas (N + 1, the last 0) and the solver that steps along them.
     guidance_log_terms: log(1 + sigma_i^2) of SPEC 3 for the G guided steps (len = G).
-    plan: `fast` mode's work reuse (`cones2.reuse.StepPlan`), applied with the eager PyTorch UNet
-    (`TorchUNetRunner`); None, a plan that reuses nothing, or any other runner: every step is a full
-    CFG call (paper-exact always is).
+    plan: `fast` mode's work reuse (`cones2.reuse.StepPlan`); None or a plan that reuses nothing:
+    every step is a full CFG call on `runner` (paper-exact always is). The plan's plain passes run on
+    `runner`, the ones that reuse work on the eager PyTorch UNet: `runner` itself when it is a
+    `TorchUNetRunner`, else `eager` (the engine hands in one with the same attention math, so a
+    compiled or exported runner gives the same image). Without either, every step runs in full.
     """
     R = inputs.cond.shape[0]
     device, dtype = inputs.cond.device, inputs.cond.dtype
@@ -101,10 +104,11 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
     x = noise[0] * sigmas[0]
 
     solver = make_solver(schedule)
-    # work reuse runs on the eager PyTorch UNet; compiled and exported runners take every step in full
-    if plan is not None and not (plan.reuses and isinstance(runner, TorchUNetRunner)):
+    # work reuse runs on the eager PyTorch UNet; a compiled or exported runner takes the plain passes
+    eager = runner if isinstance(runner, TorchUNetRunner) else eager
+    if plan is not None and not (plan.reuses and eager is not None):
         plan = None
-    reuse = ReusingRunner(runner, R) if plan is not None else None
+    reuse = ReusingRunner(eager, R) if plan is not None else None
 
     def denoise(i: int, x: torch.Tensor) -> torch.Tensor:
         """x0 predicted at step i from x (both CFG branches in one UNet call, or, in a reusing
@@ -112,7 +116,7 @@ def sample(runner, inputs: BatchInputs, schedule: Schedule, guidance_log_terms: 
         s = sigmas[i]
         xin = (x / math.sqrt(s * s + 1)).to(dtype)
         rect = rectifications[i] if i < G else None
-        if reuse is None:
+        if reuse is None or plan.plain(i):
             pred = runner(torch.cat([xin, xin]), timesteps[i], embeddings, rect).float()
         elif plan.cfg(i):
             pred = reuse(torch.cat([xin, xin]), timesteps[i], embeddings, rect, cfg=True, depth=plan.depth(i),

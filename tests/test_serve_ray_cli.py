@@ -146,9 +146,11 @@ def _drains_on_sigterm(proc: subprocess.Popen, port: int) -> None:
     assert proc.wait(START_DEADLINE_S) == 0
 
 
+@pytest.mark.integration
 def test_a_replica_that_cannot_start_is_reported_in_one_line(tiny_model_dir, tmp_path):
     """The model folder is fine for the CLI's own checks, but its UNet weights are truncated: every
-    replica fails while loading, and the command says why in one line and exits non-zero."""
+    replica fails while loading, and the command says why in one line and exits non-zero.
+    (`integration`: a Ray start of its own, ~30 s idle, for an error message; not an acceptance check.)"""
     import_or_skip("ray.serve", "Ray Serve (the ray extra) is not installed")
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model_dir, broken)

@@ -131,14 +131,18 @@ def test_fast_on_a_runner_that_cannot_reuse_gives_the_same_image(tiny_engine, mo
     assert len(said) == 1 and "6 of 14" in said[0] and "sdpa" in said[0], said
 
 
-def test_fast_on_onnxruntime_matches_sdpa(tiny_model_dir, tiny_engine, monkeypatch):
-    """The CPU default runner: fast's image on onnxruntime (the exported UNet for the plain passes,
-    its text encoder and VAE) equals sdpa's within the exported graph's own rounding, as paper-exact's
-    does (tests/test_engine_vs_reference.py: 2e-5 of the latent scale). The export is the session's
-    cached one of the tiny model (made once for the SPEC comparison)."""
+def test_fast_on_onnxruntime_matches_sdpa(tiny_engine, monkeypatch, tmp_path_factory):
+    """fast's image on onnxruntime (the exported UNet for the plain passes, its text encoder and VAE)
+    equals sdpa's within the exported graph's own rounding, as paper-exact's does
+    (tests/test_engine_vs_reference.py: 2e-5 of the latent scale). The graphs are the session's one
+    CLI export of the tiny model (tests/export_support.py), shared with the export tests."""
     import_or_skip("onnxruntime", "the onnxruntime backend needs the export extra")
     import_or_skip("onnxscript", "the onnxruntime backend needs the export extra")
-    engine = cones2.Engine.from_pretrained(tiny_model_dir, backend="onnxruntime")
+    from export_support import exported_onnx_dir
+
+    # the embedded default is the tiny model here (conftest), with tiny_engine's weights; the export names it
+    engine = cones2.Engine.from_pretrained(None, backend="onnxruntime",
+                                           backend_options={"onnx_dir": str(exported_onnx_dir(tmp_path_factory))})
     spy = OpaqueRunner(engine.runner("onnxruntime"))
     spy.encode_ids, spy.decode = spy.inner.encode_ids, spy.inner.decode
     monkeypatch.setitem(engine._runners, "onnxruntime", spy)

@@ -366,20 +366,22 @@ def test_http_json_gateway(service, client):
 
 
 # ---- the shared residual store ------------------------------------------------------------------
-def _until_other_replica(send, first: str, rounds: int = 10, burst: int = 4):
+def _until_other_replica(send, first: str, burst: int = 8, deadline_s: float = 180.0):
     """Call send() -> (result, replica) in concurrent bursts until a replica other than `first`
     answers. Concurrent calls are what spreads them: Ray's router sends a request to the less busy
-    of two replicas, and sequential calls on an idle service may all land on one."""
+    of two replicas, and sequential calls on an idle service may all land on one; on a loaded
+    machine a slow replica can be passed over for dozens of calls, so only the deadline (which
+    catches a replica that never answers) fails the test."""
     from concurrent.futures import ThreadPoolExecutor
 
-    seen = []
+    seen, end = [], time.monotonic() + deadline_s
     with ThreadPoolExecutor(burst) as pool:
-        for _ in range(rounds):
+        while time.monotonic() < end:
             for result, replica in pool.map(lambda _: send(), range(burst)):
                 seen.append(replica)
                 if replica != first:
                     return result, replica
-    raise AssertionError(f"only replica {first} answered in {len(seen)} calls: {seen}")
+    raise AssertionError(f"only replica {first} answered in {len(seen)} calls over {deadline_s:.0f} s: {seen[-8:]}")
 
 
 def test_residual_registered_through_one_replica_is_used_by_the_other(client, tiny_engine):

@@ -155,3 +155,24 @@ def test_fast_on_onnxruntime_matches_sdpa(tiny_engine, monkeypatch, tmp_path_fac
     err = (got.latents - ref.latents).abs().max().item()
     print(f"fast onnxruntime vs sdpa: max abs latent difference {err:.3g}, scale {scale:.3g}")
     assert err <= 2e-5 * max(scale, 1.0)
+
+
+def test_a_unet_the_shallow_pass_cannot_mirror_runs_every_pass_full(tiny_engine, monkeypatch):
+    """The shallow pass re-implements the plain SD forward, so a UNet with class / addition embeddings
+    or centred inputs must not get one: fast then equals fast with cache_interval=1."""
+    from types import SimpleNamespace
+
+    import cones2.engine
+    from cones2.reuse import shallow_supported
+
+    plain = dict(class_embed_type=None, addition_embed_type=None, center_input_sample=False)
+    assert shallow_supported(tiny_engine.unet)
+    assert not shallow_supported(SimpleNamespace(config=SimpleNamespace(**plain | {"center_input_sample": True}),
+                                                 up_blocks=[0, 1]))
+    layout = cones2.Layout.from_boxes(LAYOUT)
+    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False)
+    reused = tiny_engine.generate(PROMPT, None, layout, **kw).latents
+    full = tiny_engine.generate(PROMPT, None, layout, cache_interval=1, **kw).latents
+    monkeypatch.setattr(cones2.engine, "shallow_supported", lambda unet: False)
+    assert torch.equal(tiny_engine.generate(PROMPT, None, layout, **kw).latents, full)
+    assert not torch.equal(reused, full)

@@ -32,7 +32,7 @@ from .precision import default_dtype
 from .residual import Residual
 from .backends import ATTENTION, DEFAULT_ENV, RUNNER, default_backends, fallback, select_backend
 from .runners import TorchUNetRunner, eager_runner_for, make_runner
-from .reuse import StepPlan
+from .reuse import StepPlan, shallow_supported
 from .sampler import BatchInputs, NoiseStream, sample
 from .schedule import guidance_log_terms, make_schedule
 from .tokens import SEQ_LEN, Located, SubjectTokens, locate_subject, prompt_token_ids
@@ -423,7 +423,9 @@ class Engine:
             log_terms = guidance_log_terms(c0.guidance_steps)
             inputs = self._batch_inputs(requests, prepared)
         with clock("sampling"):
-            plan = StepPlan.make(c0.steps, c0.guidance_steps, c0.gate_step, c0.cache_interval)
+            # shallow passes re-implement the plain SD forward; a UNet with extra embeddings runs every pass full
+            interval = c0.cache_interval if shallow_supported(self.unet) else 1
+            plan = StepPlan.make(c0.steps, c0.guidance_steps, c0.gate_step, interval)
             latents = sample(runner, inputs, schedule, log_terms, self.prediction_type, plan=plan,
                              eager=self._eager_for(runner, backend or self.default_backend, plan), progress=progress,
                              on_step=on_step, should_stop=should_stop)

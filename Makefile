@@ -48,9 +48,12 @@ demo: setup
 		--box heart=0.05,0.05,0.45,0.45 --box star=0.55,0.05,0.95,0.45 --box triangle=0.3,0.55,0.7,0.95 \
 		--steps 30 --guidance-steps 15 --seed 0 --out out/demo.png --preview
 
-# The CI suite (CPU; Triton kernels run under the interpreter).
+# The CI suite (CPU; Triton kernels run under the interpreter), on TEST_WORKERS pytest-xdist workers:
+# most tests keep one core busy, so two workers on two cores take about 2/3 of one's time. Modules that
+# share a costly resource (a Ray cluster, one ONNX export) run on one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: setup
-	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Whole-script and one-off-export checks kept out of `make test` for its time; CI (.ci/run) runs them after it.
 test-integration: setup

@@ -14,11 +14,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU
 # unset: tests/test_cpu_default.py, tests/test_backend_registry.py, the demo tests.
 os.environ.setdefault("CONES2_BACKEND", "sdpa")
 
-from cones2.threads import configure_threads  # noqa: E402
+from cones2.threads import configure_threads, usable_cores  # noqa: E402
 
-# The commands' default for the suite too: threads fitted to the run queue at start (every usable core
-# when nothing else runs, the free cores beside other work, one when oversubscribed; cones2/threads.py).
-configure_threads(None)
+# One process: the commands' default (threads fitted to the run queue at start; cones2/threads.py).
+# One of N pytest-xdist workers (`make test`): its share of the usable cores, so the workers never
+# oversubscribe the machine whatever order they start in.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+configure_threads(max(1, usable_cores() // _WORKERS) if _WORKERS > 1 else None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,3 +71,21 @@ def tiny_eps_engine(tiny_eps_model_dir):
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`, Makefile). The modules
+# of one group share an expensive resource, so they run on one worker and build it once: a Ray cluster,
+# the session's one CLI export of the embedded model (export_support.py).
+WORKER_GROUPS = {
+    "ray": ("test_serve_ray.py", "test_serve_ray_cli.py"),
+    "onnx-export": ("test_export_onnx.py", "test_export_trt.py", "test_work_reuse.py"),
+}
+_GROUP_OF = {module: group for group, modules in WORKER_GROUPS.items() for module in modules}
+
+
+@pytest.hookimpl(tryfirst=True)      # before xdist reads the marks into each test's id
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = _GROUP_OF.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

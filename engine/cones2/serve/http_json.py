@@ -1,5 +1,6 @@
 """The HTTP/JSON adapter: Cones2Service's messages in the proto's JSON mapping (`json_format`), on
-the standard library's ThreadingHTTPServer, over the same `Core` (auth, limits, health, metrics).
+the standard library's ThreadingHTTPServer (wire plumbing: http_io.py), over the same `Core` (auth, limits,
+health, metrics).
 
     POST   /v1/generate             GenerateRequest -> GenerateResponse
     POST   /v1/generate/stream      GenerateRequest -> NDJSON: one GenerateEvent per line, or a last
@@ -22,17 +23,17 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from .. import Cones2Error
 from . import cones2_pb2 as pb
 from .auth import MESSAGE as AUTH_MESSAGE
 from .auth import Token
 from .core import DONE, HTTP_STATUS, UNARY, Core, TooLarge, status_of
+from .http_io import HttpIO, positive_seconds
 from .json_mapping import decode, encode, error_body, route
 from .studio_assets import HEADERS as STUDIO_HEADERS
 from .studio_assets import studio_asset
@@ -41,12 +42,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.25    # how often a waiting handler checks whether its client is still connected
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 60                       # a client that stops sending its request is dropped
+
+class _Handler(HttpIO):
     core: Core
     token: Token
-    max_bytes: int
 
     def do_GET(self): self._dispatch()          # noqa: E704
     def do_POST(self): self._dispatch()         # noqa: E704
@@ -57,116 +56,72 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         if self.command == "GET" and (page := studio_asset(self.path)) is not None:   # the studio page
-            return self._send(200, page[0], STUDIO_HEADERS, content_type=page[1])
+            return self.answer(200, page[0], STUDIO_HEADERS, content_type=page[1])
         found = route(self.command, self.path)
         if found is None:
             self.close_connection = True     # its body is not read
-            return self._send(404, error_body("NOT_FOUND", f"no route {self.command} {self.path.split('?')[0]}"))
+            return self.answer(404, error_body("NOT_FOUND", f"no route {self.command} {self.path.split('?')[0]}"))
         method, arg = found
         if method == "Health":
             up = self.core.serving
-            return self._send(200 if up else 503, json.dumps({"status": "SERVING" if up else "NOT_SERVING"}).encode())
+            return self.answer(200 if up else 503, json.dumps({"status": "SERVING" if up else "NOT_SERVING"}).encode())
         if not self.token.allows(self.headers.get("Authorization")):
             self.core.metrics.observe(method, "UNAUTHENTICATED", 0.0)
             self.close_connection = True     # its body is not read: it must not prefix the next request
-            return self._send(401, error_body("UNAUTHENTICATED", AUTH_MESSAGE), {"WWW-Authenticate": "Bearer"})
+            return self.answer(401, error_body("UNAUTHENTICATED", AUTH_MESSAGE), {"WWW-Authenticate": "Bearer"})
         if method == "Metrics":
-            return self._send(200, self.core.metrics.text(), content_type="text/plain; version=0.0.4")
+            return self.answer(200, self.core.metrics.text(), content_type="text/plain; version=0.0.4")
         with self.core.call(method) as call:
             try:
-                body = self._body()
+                body = self.read_body()
                 if method == "Cancel":
                     self.core.cancel(arg)
-                    return self._send(200, b"{}")
+                    return self.answer(200, b"{}")
                 msg = decode(method, body, arg)
                 if method in UNARY:
-                    return self._send(200, encode(getattr(self.core, UNARY[method])(msg)))
+                    return self.answer(200, encode(getattr(self.core, UNARY[method])(msg)))
                 return self._generate(msg, call, stream=method == "GenerateStream")
             except Exception as exc:  # noqa: BLE001 (mapped to a status; the server keeps running)
                 call.code, message = status_of(exc)
                 retry = {"Retry-After": "1"} if call.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else {}
                 status = 413 if isinstance(exc, TooLarge) else HTTP_STATUS[call.code]
-                self._send(status, error_body(call.code, message), retry)
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or (length is None and self.command == "POST"):
-            self.close_connection = True
-            raise Cones2Error("send the body with a Content-Length header", "request")
-        n = int(length or 0) if (length or "0").isdigit() else -1
-        if not 0 <= n <= self.max_bytes:
-            self.close_connection = True     # the body is not read
-            raise TooLarge(f"the request is {length} bytes; this server accepts at most {self.max_bytes}")
-        return self.rfile.read(n)
+                self.answer(status, error_body(call.code, message), retry)
 
     def _generate(self, msg, call, stream: bool) -> None:
-        timeout = self.headers.get("X-Timeout-Seconds")
-        deadline = time.monotonic() + float(timeout) if timeout and _number(timeout) else None
+        timeout = positive_seconds(self.headers.get("X-Timeout-Seconds"))
+        deadline = time.monotonic() + timeout if timeout is not None else None
         job = self.core.submit(msg, deadline=deadline, stream=stream, request_id=self.headers.get("X-Request-Id", ""))
         try:
             if not stream:
                 while not job.wait(POLL_S):
-                    if self._client_gone():
+                    if self.client_gone():
                         job.cancel()
-                self._send(200, encode(job.response()))
+                self.answer(200, encode(job.response()))
                 return
-            self._start_stream()
+            self.start_stream()
             while True:
                 try:
                     event = job.events.get(timeout=POLL_S)
                 except queue.Empty:
-                    if self._client_gone():
+                    if self.client_gone():
                         raise ConnectionResetError("the client left") from None
                     continue
                 if event is DONE:
                     break
-                self._chunk(encode(pb.GenerateEvent(progress=pb.Progress(
+                self.chunk(encode(pb.GenerateEvent(progress=pb.Progress(
                     step=event.step, total_steps=event.total, preview_png=event.preview_png or b""))) + b"\n")
             try:
                 line = encode(pb.GenerateEvent(result=job.response()))
             except Exception as exc:  # noqa: BLE001 (the status travels in the stream's last line)
                 call.code, message = status_of(exc)
                 line = json.dumps({"error": {"code": call.code, "message": message}}).encode()
-            self._chunk(line + b"\n")
-            self._chunk(b"")
+            self.chunk(line + b"\n")
+            self.chunk(b"")
         except OSError:
             call.code = "CANCELLED"
             self.close_connection = True
         finally:
             job.cancel()           # a no-op once it finished; otherwise the client left
-
-    def _client_gone(self) -> bool:
-        """Whether the client closed its side (readable at EOF) while we wait."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
-
-    def _start_stream(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _send(self, status: int, body: bytes, headers: dict | None = None, content_type="application/json") -> None:
-        self.send_response(status)
-        for key, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def _number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
 
 
 class HttpServer:

@@ -5,6 +5,7 @@ reuse work (compiled, exported) takes the plan's plain passes and gives the same
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -53,6 +54,31 @@ def test_shallow_pass_on_fresh_features_equals_the_full_unet(tiny_engine):
     x2 = x + 0.5 * torch.randn_like(x)                       # another input: shallow differs from full
     assert (reuse(x2, t, emb, None, cfg=True, depth=SHALLOW, record_cross=False, record_deep=False)
             - tiny_engine.unet(x2, t, encoder_hidden_states=emb).sample).abs().max() > 1e-3
+
+
+def test_deep_features_are_kept_from_this_threads_pass_only(tiny_engine):
+    """Two generations on one engine share its UNet: another thread's forward that runs while this
+    pass's keeping hook is on the UNet (here: between the kept block and the end of the pass) must
+    not replace the kept features. Without the thread check the other input's features are kept."""
+    runner = tiny_engine.runner()
+    x, t, emb = _inputs(tiny_engine)
+    solo = ReusingRunner(runner, 2)
+    solo(x, t, emb, None, cfg=True, depth=FULL, record_cross=False, record_deep=True)
+    other = threading.Thread(target=lambda: tiny_engine.unet(x + 1.0, t, encoder_hidden_states=emb))
+
+    def run_other_thread_once(*_):
+        if not other.ident:
+            other.start()
+            other.join()
+
+    late = tiny_engine.unet.up_blocks[-1].register_forward_hook(run_other_thread_once)
+    try:
+        shared = ReusingRunner(runner, 2)
+        shared(x, t, emb, None, cfg=True, depth=FULL, record_cross=False, record_deep=True)
+    finally:
+        late.remove()
+    assert other.ident and not other.is_alive()
+    torch.testing.assert_close(shared.deep, solo.deep, rtol=0, atol=0)
 
 
 def test_cached_cross_attention_replays_the_conditional_branch(tiny_engine):

@@ -16,6 +16,7 @@ runner, so a compiled or exported UNet takes those and the image stays the same 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -156,7 +157,7 @@ class ReusingRunner:
         if depth == SHALLOW:
             deep = self.deep if self.deep.shape[0] == sample.shape[0] else self.deep[: sample.shape[0]]
             return self._shallow(sample, timestep, embeddings, kwargs, deep)
-        hook = self.unet.up_blocks[-2].register_forward_hook(self._keep) if record_deep else None
+        hook = self.unet.up_blocks[-2].register_forward_hook(self._keeper()) if record_deep else None
         try:
             return self.unet(sample, timestep, encoder_hidden_states=embeddings, cross_attention_kwargs=kwargs,
                              return_dict=False)[0]
@@ -164,8 +165,15 @@ class ReusingRunner:
             if hook is not None:
                 hook.remove()
 
-    def _keep(self, _module, _inputs, output):
-        self.deep = output
+    def _keeper(self):
+        """The hook that keeps this pass's deep features. It sits on the engine's shared UNet while
+        the pass runs, so it ignores forwards of other threads (another generation on this engine)."""
+        owner = threading.get_ident()
+
+        def keep(_module, _inputs, output):
+            if threading.get_ident() == owner:
+                self.deep = output
+        return keep
 
     def _shallow(self, sample, timestep, embeddings, kwargs, deep):
         """conv_in, the first down block, the last up block on `deep`, conv_out: diffusers'

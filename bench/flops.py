@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cones2.attention import Cones2AttnProcessor
 from cones2.config import SamplingConfig
-from cones2.random_model import random_components
+from harness.random_model import random_components
 from cones2.reuse import StepPlan
 from cones2.runners import TorchUNetRunner
 from cones2.sampler import BatchInputs, NoiseStream, sample

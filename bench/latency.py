@@ -28,7 +28,7 @@ from cones2.backends import ATTENTION, backend_names, select_backend, why_unavai
 from cones2.cli.exit_codes import run_cli  # noqa: E402
 from cones2.loading import parse_device, parse_dtype  # noqa: E402
 from cones2.precision import default_dtype  # noqa: E402
-from cones2.random_model import random_components  # noqa: E402
+from harness.random_model import random_components  # noqa: E402
 from cones2.threads import configure_threads  # noqa: E402
 from harness.attention import run_attention_benchmark  # noqa: E402
 from harness.report import device_name, report  # noqa: E402

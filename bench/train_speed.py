@@ -25,7 +25,7 @@ import torch
 from harness.results import write_result
 from PIL import Image, ImageDraw
 
-from cones2.random_model import random_components
+from harness.random_model import random_components
 from cones2_train import TrainConfig, Trainer
 from cones2_train.profiling import format_profile
 

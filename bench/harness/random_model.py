@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import Cones2Error
-from .loading import Components, quiet_library_logging
-from .tokenizer_data import build_clip_tokenizer
+from cones2.errors import Cones2Error
+from cones2.loading import Components, quiet_library_logging
+from cones2.tokenizer_data import build_clip_tokenizer
 
 CONFIG_FILES = ("unet", "vae", "text_encoder", "scheduler")
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # engine/ is a src-layout root (engine/cones2 is the package); kernels/ and export/ are its namespace
-# subpackages (README's layout section).
+# subpackages (docs/architecture.md, below the import table).
 PACKAGE_OF_FOLDER = {"engine/cones2": "cones2", "kernels": "cones2.kernels", "export": "cones2.export",
                      "cones2_train": "cones2_train", "tests": "tests"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}

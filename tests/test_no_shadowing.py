@@ -3,7 +3,7 @@
 `kernels`, `engine`, `export`, `bench` and `tests` are all real PyPI names, and `transformers` >= 5.25
 imports the `kernels` distribution. Whenever the root is on sys.path (`python -m pytest`, `python -c`,
 a notebook, Ray workers), a root folder with an `__init__.py` would win over the installed package.
-The rule is by construction (README's layout section): no root folder but our own `cones2_train` is a
+The rule is by construction (docs/architecture.md, below the import table): no root folder but our own `cones2_train` is a
 regular package, and no root file is a module; these tests check it and its consequence, from the root.
 """
 from __future__ import annotations

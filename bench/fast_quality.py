@@ -53,12 +53,14 @@ def run_point(point: str, args, engine) -> None:
     s = Settings(model=args.model, mode="fast", prompts=args.prompts, first_prompt=args.first_prompt,
                  counts=[] if args.residuals else [1, 2, 3, 4], no_residuals=not args.residuals,
                  residuals_from=f"{args.model}/residuals" if args.residuals else None,
-                 residual_prompts=args.residual_prompts, unguided=args.with_unguided, progress=False,
+                 residual_prompts=args.residual_prompts, first_residual_prompt=args.first_residual_prompt,
+                 unguided=args.with_unguided, progress=False,
                  **knobs(point))
     results = evaluate(s, engine)
     argv = (["--out", str(args.out), "--point", point, "--first-prompt", str(args.first_prompt), "--prompts",
              str(args.prompts)] + (["--with-unguided"] if args.with_unguided else [])
-            + (["--residuals", "--residual-prompts", str(args.residual_prompts)] if args.residuals else []))
+            + (["--residuals", "--residual-prompts", str(args.residual_prompts), "--first-residual-prompt",
+                str(args.first_residual_prompt)] if args.residuals else []))
     write_result(record_path(args.out, point, args.residuals), asdict(s), results, argv=argv,
                  script="bench/fast_quality.py")
     print(f"{point}: {results['seconds']} s", file=sys.stderr, flush=True)
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=25, help="prompts per subject count")
     p.add_argument("--residuals", action="store_true", help="residual exact-instance rates instead of the layout part")
     p.add_argument("--residual-prompts", type=int, default=40)
+    p.add_argument("--first-residual-prompt", type=int, default=0, help="seed of the first residual generation")
     p.add_argument("--with-unguided", action="store_true",
                    help="also sample each layout prompt without guidance (the curve needs only the guided images)")
     p.add_argument("--threads", type=int, default=1)

@@ -44,6 +44,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--residual-steps", type=int, default=300)
     p.add_argument("--residual-lr", type=float, default=3e-4)
     p.add_argument("--residual-prompts", type=int, default=40, help="generations per residual setting")
+    p.add_argument("--first-residual-prompt", type=int, default=0,
+                   help="seed of the first residual generation (e.g. 200: seeds no earlier run looked at)")
     p.add_argument("--residual-train-prompt", default="{}",
                    help="TrainConfig.train_prompt of the residuals (default {}: SPEC 1.2's bare word)")
     p.add_argument("--no-residuals", action="store_true")

@@ -416,6 +416,28 @@ def test_quality_metrics_score_the_world_itself_perfectly(tmp_path):
     assert demo["without"]["both"] == 0.0 and demo["without"]["plain_fidelity"] == 1.0
 
 
+def test_residual_generations_start_at_the_first_residual_prompt(tmp_path):
+    """`first_residual_prompt` moves every residual figure (alone, composed, make demo) to later seeds,
+    so a setting chosen on seeds 0..N-1 can be judged on seeds it was not chosen on."""
+    from cones2_train.demo_world.evaluation import OracleImages, Settings, evaluate_residuals
+
+    class Recording(OracleImages):
+        def __init__(self):
+            self.seeds: list[int] = []
+
+        def prompts(self, jobs):
+            self.seeds += [seed for *_, seed in jobs]
+            return super().prompts(jobs)
+
+    source = Recording()
+    settings = Settings(oracle=True, residual_prompts=3, first_residual_prompt=200, progress=False)
+    res = evaluate_residuals(source, None, settings, tmp_path)
+    batches = len(INSTANCES) * 2 + len(res["composition"]) * 2 + 2      # without / with, each figure
+    assert source.seeds == [200, 201, 202] * batches
+    with pytest.raises(ValueError, match="first_residual_prompt"):
+        Settings(first_residual_prompt=-1)
+
+
 def test_quality_quick_runs_on_a_smoke_model(smoke_run, tmp_path):
     model = smoke_run[1]["model"]
     misses = tmp_path / "misses"

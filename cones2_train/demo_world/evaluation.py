@@ -48,7 +48,7 @@ class Settings:
     counts / prompts / first_prompt: subject counts and prompts first .. first + prompts - 1 of each
     (prompt i uses seed i). steps None: PAPER_EXACT_STEPS in paper-exact mode, the mode's default
     otherwise. Residuals: trained for `residual_steps` at `residual_lr` with `residual_train_prompt`
-    (or loaded from `residuals_from`), scored on `residual_prompts` generations each; `named` also
+    (or loaded from `residuals_from`), scored on `residual_prompts` generations each (seeds first_residual_prompt onwards); `named` also
     scores prompts that spell each instance out. The guidance settings and `fast` mode's work-reuse
     knobs (gate_step, cache_interval; None = the mode's default) are `SamplingConfig`'s. unguided:
     also sample each layout prompt without guidance (fidelity without it and what guidance changes;
@@ -65,6 +65,7 @@ class Settings:
     residual_steps: int = 300
     residual_lr: float = 3e-4
     residual_prompts: int = 40
+    first_residual_prompt: int = 0
     residual_train_prompt: str = "{}"
     no_residuals: bool = False
     instances: list[str] = field(default_factory=lambda: list(INSTANCES))
@@ -93,8 +94,8 @@ class Settings:
             raise ValueError(f"instances: unknown {unknown} (choose from {', '.join(INSTANCES)})")
         if any(not 1 <= c <= 4 for c in self.counts):
             raise ValueError("counts must lie in 1..4")
-        if self.first_prompt < 0:
-            raise ValueError("first_prompt must be >= 0")
+        if self.first_prompt < 0 or self.first_residual_prompt < 0:
+            raise ValueError("first_prompt and first_residual_prompt must be >= 0")
 
     def quick(self) -> "Settings":
         """A small smoke subset of these settings: counts 2,3; 3 prompts; 4 steps; 3 residual steps."""
@@ -321,12 +322,12 @@ def evaluate_residuals(source, engine, args: "Settings", templates_dir: Path) ->
         row = results.setdefault(name, {})
         for label, subjects in (("without", {}), ("with", {inst.kind: residuals[name]})):
             jobs = [(f"a {inst.kind} on a {backgrounds[i % len(backgrounds)]} background", subjects, None, i)
-                    for i in range(args.residual_prompts)]
+                    for i in residual_seeds(args)]
             row[label] = summarize_instances([score_instance(im, inst) for im in source.prompts(jobs)])
         if args.named and engine is not None:            # the ceiling: the prompt spells the instance out (world v2)
             phrase = Thing(inst.kind, inst.colour, (0, 0, 1, 1), inst.pattern, inst.second).phrase(True, True)
             jobs = [(f"{phrase} on a {backgrounds[i % len(backgrounds)]} background", {}, None, i)
-                    for i in range(args.residual_prompts)]
+                    for i in residual_seeds(args)]
             row["named"] = summarize_instances([score_instance(im, inst) for im in source.prompts(jobs)])
     # composition: two residuals in one prompt, each subject in its own half
     comp = {}
@@ -339,7 +340,7 @@ def evaluate_residuals(source, engine, args: "Settings", templates_dir: Path) ->
         for label, subjects in (("without", {}), ("with", {ka: residuals[a], kb: residuals[b]})):
             prompt = f"a {ka} and a {kb} on a {{}} background"
             jobs = [(prompt.format(backgrounds[i % len(backgrounds)]), subjects, boxes, i)
-                    for i in range(args.residual_prompts)]
+                    for i in residual_seeds(args)]
             images = source.prompts(jobs)
             per = {n: [score_instance(im, chosen[n]).exact for im in images] for n in (a, b)}
             entry[label] = {**{n: float(np.mean(v)) for n, v in per.items()},
@@ -347,11 +348,16 @@ def evaluate_residuals(source, engine, args: "Settings", templates_dir: Path) ->
         comp[f"{a}+{b}"] = entry
     results["composition"] = comp
     if all(n in chosen for n in DEMO_RESIDUALS):
-        results["demo"] = evaluate_demo(source, {n: residuals[n] for n in DEMO_RESIDUALS}, args.residual_prompts)
+        results["demo"] = evaluate_demo(source, {n: residuals[n] for n in DEMO_RESIDUALS}, residual_seeds(args))
     return results
 
 
-def evaluate_demo(source, residuals: dict, prompts: int) -> dict:
+def residual_seeds(args: "Settings") -> range:
+    """Residual prompt i is sampled with seed i (and background i mod 8): first_residual_prompt onwards."""
+    return range(args.first_residual_prompt, args.first_residual_prompt + args.residual_prompts)
+
+
+def evaluate_demo(source, residuals: dict, seeds: range) -> dict:
     """The `make demo` layout: both residual instances exact, the plain subject found in its colour
     with its kind, and every subject's region centred in its box (layout) / inside it (containment)."""
     backgrounds = list(BACKGROUNDS)
@@ -363,7 +369,7 @@ def evaluate_demo(source, residuals: dict, prompts: int) -> dict:
     out = {}
     for label, subjects in (("without", {}), ("with", {i.kind: residuals[n] for n, i in zip(DEMO_RESIDUALS, insts)})):
         jobs = [(f"a {words[0]}, a {words[1]} and a {colour} {kind} on a {backgrounds[i % len(backgrounds)]} "
-                 "background", subjects, DEMO_BOXES, i) for i in range(prompts)]
+                 "background", subjects, DEMO_BOXES, i) for i in seeds]
         exact, plain, layout, inside = [], [], [], []
         for im in source.prompts(jobs):
             hits = [score_instance(im, inst) for inst in insts]

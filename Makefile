@@ -53,7 +53,7 @@ demo: setup
 # share a costly resource (a Ray cluster, one ONNX export) run on one worker (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: setup
-	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Whole-script and one-off-export checks kept out of `make test` for its time; CI (.ci/run) runs them after it.
 test-integration: setup

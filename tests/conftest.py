@@ -73,9 +73,11 @@ def _deterministic():
     yield
 
 
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`, Makefile). The modules
-# of one group share an expensive resource, so they run on one worker and build it once: a Ray cluster,
-# the session's one CLI export of the embedded model (export_support.py).
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`, Makefile): each module runs
+# on one worker, and the modules of one group below run on one worker together, because they share an
+# expensive resource that is then built once: a Ray cluster, the session's one CLI export of the embedded
+# model (export_support.py). Grouped by module name in a scheduler of our own: xdist's `xdist_group` marks
+# are silently ignored with pytest 9.2's node ids (pytest-dev/pytest-xdist#1386).
 WORKER_GROUPS = {
     "ray": ("test_serve_ray.py", "test_serve_ray_cli.py"),
     "onnx-export": ("test_export_onnx.py", "test_export_trt.py", "test_work_reuse.py"),
@@ -83,9 +85,15 @@ WORKER_GROUPS = {
 _GROUP_OF = {module: group for group, modules in WORKER_GROUPS.items() for module in modules}
 
 
-@pytest.hookimpl(tryfirst=True)      # before xdist reads the marks into each test's id
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = _GROUP_OF.get(item.path.name)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with WORKER_GROUPS: a module's scope is its group's name when it has one."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedModules(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return _GROUP_OF.get(module.rsplit("/", 1)[-1], module)
+
+    return GroupedModules(config, log)

@@ -84,7 +84,13 @@ def compare(fast: list[str], paper: list[str], bound: float) -> dict:
         rows.append({"figure": name, "fast": [k1, n1], "paper_exact": [k2, n2], "gap": gap,
                      "ci95": [low, high], "within": gap >= -bound - 1e-12})
     return {"bound": bound, "seeds": [[r.start, r.stop - 1] for r in franges], "rows": rows,
-            "all_within": all(r["within"] for r in rows)}
+            "all_within": all(r["within"] for r in rows), "fast_setting": setting(fast[0])}
+
+
+def setting(path: str) -> str:
+    """steps/guided/gate/interval of a fast record (bench/fast_quality.py's point)."""
+    s = read_result(path)["payload"]["settings"]
+    return "/".join(str(s.get(k)) for k in ("steps", "guidance_steps", "gate_step", "cache_interval"))
 
 
 def table(result: dict) -> str:
@@ -114,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         write_result(args.json, {"fast": args.fast, "paper_exact": args.paper_exact, "bound": args.bound}, result,
                      argv=argv, script="bench/residual_gap.py",
                      summaries=[{"area": "fast-mode residual exact-instance rates vs paper-exact, demo model",
-                                 "headline": f"{within}/{len(result['rows'])} figures within {args.bound}; "
+                                 "headline": f"fast {result['fast_setting']}, seeds "
+                                             + ", ".join(f"{a}-{b}" for a, b in result["seeds"])
+                                             + f": {within}/{len(result['rows'])} figures within {args.bound}; "
                                              f"largest shortfall {worst['figure']} {worst['gap']:+.3f}",
                                  "details": "../../docs/speed.md"}])
     return 0

@@ -19,7 +19,8 @@ CASES = [
     (dict(mode="paper-exact"), (100, 0, 0, 0)),                                   # 50 steps, each guided twice
     (dict(mode="paper-exact", steps=30, guidance_steps=15), (45, 0, 0, 0)),
     (dict(mode="fast", steps=20, guidance_steps=12, gate_step=20, cache_interval=1), (32, 0, 0, 0)),
-    (dict(mode="fast"), (9, 3, 0, 2)),                                            # defaults: 10 / 4 / 5 / 2
+    (dict(mode="fast"), (10, 0, 3, 0)),                                           # defaults: 10 / 3 / 10 / 2
+    (dict(mode="fast", guidance_steps=4, gate_step=5), (9, 3, 0, 2)),             # with a conditional tail
     (dict(mode="fast", steps=10, guidance_steps=2, gate_step=10, cache_interval=3), (7, 0, 5, 0)),
     (dict(mode="fast", steps=4, guidance_steps=1, gate_step=2, cache_interval=2), (3, 1, 0, 1)),
 ]

@@ -18,6 +18,9 @@ from cones2.reuse import FULL, SHALLOW, ReusingRunner, StepPlan
 
 PROMPT = "a dog and a mug on the beach"
 LAYOUT = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
+# guided CFG pairs, the CFG pass that records the cross-attention, a conditional-only tail with full and
+# shallow passes (the defaults have no tail since issue 24's residual judgement)
+EVERY_PASS_KIND = dict(steps=10, guidance_steps=4, gate_step=5, cache_interval=2)
 
 
 def test_step_plan_by_hand():
@@ -140,13 +143,14 @@ class OpaqueRunner:
 
 
 def test_fast_on_a_runner_that_cannot_reuse_gives_the_same_image(tiny_engine, monkeypatch, caplog):
-    """The runner takes the plain CFG passes (the 8 guided ones of the default 10 / 4 / 5 / 2 plan);
-    the 6 that reuse work (step 4 records the cross-attention, steps 5-9 the conditional tail) run on
-    the eager UNet with sdpa: the latents equal sdpa's own fast run bit for bit; one log line says so."""
+    """The runner takes the plain CFG passes (the 8 guided ones of a 10 / 4 / 5 / 2 plan, which has every
+    kind of pass); the 6 that reuse work (step 4 records the cross-attention, steps 5-9 the conditional
+    tail) run on the eager UNet with sdpa: the latents equal sdpa's own fast run bit for bit; one log
+    line says so."""
     opaque = OpaqueRunner(tiny_engine.runner("sdpa"))
     monkeypatch.setitem(tiny_engine._runners, "opaque", opaque)
     layout = cones2.Layout.from_boxes(LAYOUT)
-    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False)
+    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False, **EVERY_PASS_KIND)
     ref = tiny_engine.generate(PROMPT, None, layout, backend="sdpa", **kw)
     with caplog.at_level(logging.INFO, logger="cones2.engine"):
         got = [tiny_engine.generate(PROMPT, None, layout, backend="opaque", **kw) for _ in range(2)]
@@ -173,7 +177,7 @@ def test_fast_on_onnxruntime_matches_sdpa(tiny_engine, monkeypatch, tmp_path_fac
     spy.encode_ids, spy.decode = spy.inner.encode_ids, spy.inner.decode
     monkeypatch.setitem(engine._runners, "onnxruntime", spy)
     layout = cones2.Layout.from_boxes(LAYOUT)
-    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False)
+    kw = dict(mode="fast", height=64, width=64, seed=5, progress=False, **EVERY_PASS_KIND)
     ref = tiny_engine.generate(PROMPT, None, layout, backend="sdpa", **kw)
     got = engine.generate(PROMPT, None, layout, **kw)
     assert got.backend == "onnxruntime" and spy.calls == 8

@@ -85,6 +85,7 @@ WORKER_GROUPS = {
 _GROUP_OF = {module: group for group, modules in WORKER_GROUPS.items() for module in modules}
 
 
+@pytest.hookimpl(optionalhook=True)      # xdist's hook: without xdist installed the suite still runs
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` with WORKER_GROUPS: a module's scope is its group's name when it has one."""
     if config.getvalue("dist") != "loadfile":

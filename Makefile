@@ -49,9 +49,10 @@ demo: setup
 		--steps 30 --guidance-steps 15 --seed 0 --out out/demo.png --preview
 
 # The CI suite (CPU; Triton kernels run under the interpreter), on TEST_WORKERS pytest-xdist workers:
-# most tests keep one core busy, so two workers on two cores take about 2/3 of one's time. Modules that
-# share a costly resource (a Ray cluster, one ONNX export) run on one worker (tests/conftest.py).
-TEST_WORKERS ?= 2
+# most tests keep one core busy, so two workers on two cores take about 2/3 of one's time. One worker per
+# usable core, at most 4 (each builds its own models and ONNX exports). Modules that share a costly resource
+# (a Ray cluster, one ONNX export) run on one worker (tests/conftest.py).
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 2)
 test: setup
 	TRITON_INTERPRET=1 CONES2_LOCKED=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

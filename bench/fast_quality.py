@@ -23,12 +23,12 @@ from pathlib import Path
 
 from harness.results import read_result, write_result
 
-from cones2_train.demo_world.evaluation import Settings, evaluate
+from cones2_train.demo_world.evaluation import Settings, evaluate, exact_rates
 from cones2_train.demo_world.world import INSTANCES
 
 MODEL = "engine/cones2/data/demo_model"
 # each family varies one knob around 10 steps, 4 guided, gate 5, interval 2 (the defaults until issue 24's
-# residual judgement moved them to 10/3/10/2, docs/speed.md); steps keep those shares (33% guided, gate 50%)
+# residual judgements moved them to 10/3/10/2, then 11/3/10/2, docs/speed.md); steps keep those shares (33% guided, gate 50%)
 FAMILIES = {
     "steps": ["8/3/4/2", "10/4/5/2", "12/4/6/2", "16/6/8/2"],
     "gate step": ["10/4/4/2", "10/4/5/2", "10/4/7/2", "10/4/10/2"],
@@ -54,13 +54,14 @@ def run_point(point: str, args, engine) -> None:
                  counts=[] if args.residuals else [1, 2, 3, 4], no_residuals=not args.residuals,
                  residuals_from=f"{args.model}/residuals" if args.residuals else None,
                  residual_prompts=args.residual_prompts, first_residual_prompt=args.first_residual_prompt,
-                 unguided=args.with_unguided, progress=False,
+                 instances=args.instances or list(INSTANCES), unguided=args.with_unguided, progress=False,
                  **knobs(point))
     results = evaluate(s, engine)
     argv = (["--out", str(args.out), "--point", point, "--first-prompt", str(args.first_prompt), "--prompts",
              str(args.prompts)] + (["--with-unguided"] if args.with_unguided else [])
             + (["--residuals", "--residual-prompts", str(args.residual_prompts), "--first-residual-prompt",
-                str(args.first_residual_prompt)] if args.residuals else []))
+                str(args.first_residual_prompt)] if args.residuals else [])
+            + [a for name in args.instances for a in ("--instance", name)])
     write_result(record_path(args.out, point, args.residuals), asdict(s), results, argv=argv,
                  script="bench/fast_quality.py")
     print(f"{point}: {results['seconds']} s", file=sys.stderr, flush=True)
@@ -72,12 +73,11 @@ def layout_figures(payload: dict) -> dict:
 
 
 def residual_figures(payload: dict) -> dict:
-    """Exact-instance rates with the residuals: alone (each instance), composed (each pair, both
-    exact), the `make demo` layout (both exact)."""
-    r = payload["residuals"]
-    return {"alone": [r[n]["with"]["exact"] for n in INSTANCES if n in r],
-            "composed": [c["with"]["both"] for c in r["composition"].values()],
-            "demo": [r["demo"]["with"]["both"]] if "demo" in r else []}
+    """Exact-instance rates with the residuals, grouped: alone (each instance), composed (each pair,
+    both exact), the `make demo` layout (both exact)."""
+    rates = exact_rates(payload["residuals"])
+    return {group: [v for name, v in rates.items() if name.startswith(prefix)]
+            for group, prefix in (("alone", "alone "), ("composed", "composed "), ("demo", "make demo"))}
 
 
 def calls(flops_record: dict, point: str) -> list[float | None]:
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--residuals", action="store_true", help="residual exact-instance rates instead of the layout part")
     p.add_argument("--residual-prompts", type=int, default=40)
     p.add_argument("--first-residual-prompt", type=int, default=0, help="seed of the first residual generation")
+    p.add_argument("--instance", dest="instances", action="append", default=[], choices=list(INSTANCES),
+                   help="with --residuals: only this instance (repeatable; default all: alone, composed, make demo)")
     p.add_argument("--with-unguided", action="store_true",
                    help="also sample each layout prompt without guidance (the curve needs only the guided images)")
     p.add_argument("--threads", type=int, default=1)

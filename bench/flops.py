@@ -151,6 +151,8 @@ def main(argv=None) -> int:
                    help="extra setting, mode:field=value,... (SamplingConfig fields), repeatable")
     p.add_argument("--only", action="store_true", help="only the --setting rows (not the standard ones)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--files", nargs="+", default=[], metavar="NAME",
+                   help="other files of this run (its log, uptime), relative to the record's folder: the record lists them")
     args = p.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -160,8 +162,8 @@ def main(argv=None) -> int:
     results = measure(shapes, [int(n) for n in args.subjects.split(",")], settings)
     print(table(results))
     if args.json:
-        write_result(args.json, {k: v for k, v in vars(args).items() if k != "json"}, results, argv=argv,
-                     script="bench/flops.py", summaries=[headline(results)])
+        write_result(args.json, {k: v for k, v in vars(args).items() if k not in ("json", "files")}, results,
+                     argv=argv, script="bench/flops.py", summaries=[headline(results)], files=args.files)
     return 0
 
 

@@ -17,20 +17,9 @@ import sys
 
 from harness.results import read_result, write_result
 
-from cones2_train.demo_world.world import INSTANCES
+from cones2_train.demo_world.evaluation import exact_rates
 
 Z95 = 1.959964
-
-
-def figures(payload: dict) -> dict[str, float]:
-    """The seven rates with the residuals: each instance alone, each composed pair (both exact), and
-    the `make demo` layout (both residual instances exact)."""
-    r = payload["residuals"]
-    out = {f"alone {n}": r[n]["with"]["exact"] for n in INSTANCES if n in r}
-    out.update({f"composed {pair}": c["with"]["both"] for pair, c in r["composition"].items()})
-    if "demo" in r:
-        out["make demo"] = r["demo"]["with"]["both"]
-    return out
 
 
 def seeds(record: dict) -> range:
@@ -49,7 +38,7 @@ def pooled(paths: list[str]) -> tuple[dict[str, tuple[int, int]], list[range]]:
         if any(set(span) & set(r) for r in ranges):
             raise SystemExit(f"residual_gap: error: {path}: seeds {span.start}-{span.stop - 1} overlap another record's")
         ranges.append(span)
-        for name, rate in figures(record["payload"]).items():
+        for name, rate in exact_rates(record["payload"]["residuals"]).items():
             k, n = counts.get(name, (0, 0))
             counts[name] = (k + round(rate * len(span)), n + len(span))
     return counts, sorted(ranges, key=lambda r: r.start)
@@ -70,12 +59,23 @@ def gap_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
     return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
+def spans(ranges: list[range]) -> list[tuple[int, int]]:
+    """Sorted seed ranges as (first, last) spans, adjacent ones merged: one record of seeds 0-399 ran the
+    same seeds as three of 0-199, 200-299 and 300-399."""
+    out: list[tuple[int, int]] = []
+    for r in sorted(ranges, key=lambda r: r.start):
+        if out and r.start == out[-1][1] + 1:
+            out[-1] = (out[-1][0], r.stop - 1)
+        else:
+            out.append((r.start, r.stop - 1))
+    return out
+
+
 def compare(fast: list[str], paper: list[str], bound: float) -> dict:
     (fc, franges), (pc, pranges) = pooled(fast), pooled(paper)
-    if [(r.start, r.stop) for r in franges] != [(r.start, r.stop) for r in pranges]:
+    if spans(franges) != spans(pranges):
         raise SystemExit("residual_gap: error: the two sides ran different seeds: "
-                         f"fast {[(r.start, r.stop - 1) for r in franges]}, "
-                         f"paper-exact {[(r.start, r.stop - 1) for r in pranges]}")
+                         f"fast {spans(franges)}, paper-exact {spans(pranges)}")
     rows = []
     for name in fc:
         (k1, n1), (k2, n2) = fc[name], pc[name]
@@ -83,7 +83,7 @@ def compare(fast: list[str], paper: list[str], bound: float) -> dict:
         gap = k1 / n1 - k2 / n2
         rows.append({"figure": name, "fast": [k1, n1], "paper_exact": [k2, n2], "gap": gap,
                      "ci95": [low, high], "within": gap >= -bound - 1e-12})
-    return {"bound": bound, "seeds": [[r.start, r.stop - 1] for r in franges], "rows": rows,
+    return {"bound": bound, "seeds": [list(span) for span in spans(franges)], "rows": rows,
             "all_within": all(r["within"] for r in rows), "fast_setting": setting(fast[0])}
 
 

@@ -28,10 +28,10 @@ LAYOUT = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
 def test_mode_defaults():
     assert SamplingConfig().steps == 50 and SamplingConfig().guidance_steps == 50
     fast = SamplingConfig(mode="fast")
-    assert (fast.steps, fast.guidance_steps, fast.gate_step, fast.cache_interval) == (10, 3, 10, 2)
-    assert SamplingConfig(mode="fast", steps=25).guidance_steps == 8     # integer ceil of 30% of 25 = 7.5
+    assert (fast.steps, fast.guidance_steps, fast.gate_step, fast.cache_interval) == (11, 3, 10, 2)
+    assert SamplingConfig(mode="fast", steps=25).guidance_steps == 7     # integer ceil of 27% of 25 = 6.75
     assert SamplingConfig(mode="fast", steps=20).guidance_steps == 6
-    assert SamplingConfig(mode="fast", steps=20).gate_step == 20          # no conditional-only tail
+    assert SamplingConfig(mode="fast", steps=20).gate_step == 18          # the last 10%: conditional-only
     assert SamplingConfig(mode="fast", steps=20, gate_step=10).gate_step == 10
     assert SamplingConfig(mode="fast", steps=1).guidance_steps == 1
     assert SamplingConfig(mode="paper-exact").gate_step == 50 and SamplingConfig().cache_interval == 1
@@ -194,7 +194,7 @@ def test_guided_fast_is_deterministic_and_guided(tiny_engine):
     kw = dict(mode="fast", steps=5, height=64, width=64, progress=False)
     a = tiny_engine.generate(PROMPT, residual, layout, seed=11, **kw)
     b = tiny_engine.generate(PROMPT, residual, layout, seed=11, **kw)
-    assert a.request.config.guidance_steps == 2                             # ceil(30% of 5)
+    assert a.request.config.guidance_steps == 2                             # ceil(27% of 5)
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
     unguided = tiny_engine.generate(PROMPT, residual, layout, seed=11, guidance_steps=0, **kw)
     assert (a.latents - unguided.latents).abs().max() > 1e-3
@@ -208,10 +208,10 @@ def test_fast_defaults_through_the_api(tiny_engine, monkeypatch):
     monkeypatch.setattr(type(runner), "__call__", lambda self, *a: calls.append(a[3] is not None) or
                         torch.zeros_like(a[0]))
     layout = cones2.Layout.from_boxes(LAYOUT)
-    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", gate_step=10, cache_interval=1, height=64,
+    result = tiny_engine.generate(PROMPT, None, layout, mode="fast", gate_step=11, cache_interval=1, height=64,
                                   width=64, progress=False)
-    assert (result.request.config.steps, result.request.config.guidance_steps) == (10, 3)
-    assert len(calls) == 10 + 3 and calls.count(True) == 6                  # without reuse: 13 CFG-pair calls
+    assert (result.request.config.steps, result.request.config.guidance_steps) == (11, 3)
+    assert len(calls) == 11 + 3 and calls.count(True) == 6                  # without reuse: 14 CFG-pair calls
     calls.clear()                                                           # (with it: tests/test_flops_calls.py)
     tiny_engine.generate(PROMPT, None, layout, height=64, width=64, progress=False)
     assert len(calls) == 100                                                # paper-exact: 50 steps, all guided
@@ -243,7 +243,7 @@ def test_cli_fast_mode_uses_the_fast_defaults(tiny_model_dir, tmp_path):
         torch.set_num_threads(threads)
     assert code == 0
     params = json.loads(Image.open(out).text["cones2"])
-    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 10, 3)
+    assert (params["mode"], params["steps"], params["guidance_steps"]) == ("fast", 11, 3)
 
 
 # ---- issue 24 item 6: every draw taken before the loop, the same values as drawing per step ----------

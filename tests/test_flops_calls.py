@@ -19,8 +19,8 @@ CASES = [
     (dict(mode="paper-exact"), (100, 0, 0, 0)),                                   # 50 steps, each guided twice
     (dict(mode="paper-exact", steps=30, guidance_steps=15), (45, 0, 0, 0)),
     (dict(mode="fast", steps=20, guidance_steps=12, gate_step=20, cache_interval=1), (32, 0, 0, 0)),
-    (dict(mode="fast"), (10, 0, 3, 0)),                                           # defaults: 10 / 3 / 10 / 2
-    (dict(mode="fast", guidance_steps=4, gate_step=5), (9, 3, 0, 2)),             # with a conditional tail
+    (dict(mode="fast"), (10, 1, 3, 0)),                                           # defaults: 11 / 3 / 10 / 2
+    (dict(mode="fast", steps=10, guidance_steps=4, gate_step=5), (9, 3, 0, 2)),   # with a conditional tail
     (dict(mode="fast", steps=10, guidance_steps=2, gate_step=10, cache_interval=3), (7, 0, 5, 0)),
     (dict(mode="fast", steps=4, guidance_steps=1, gate_step=2, cache_interval=2), (3, 1, 0, 1)),
 ]
@@ -83,8 +83,10 @@ def test_flops_script_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "flops.json"
     extra = [["--setting", f"{f['mode']}:" + ",".join(f"{k}={v}" for k, v in f.items() if k != "mode")]
              for f, _ in cases]
-    assert flops.main(["--shapes", "tiny", "--subjects", "2", "--only", "--json", str(out)] + sum(extra, [])) == 0
+    argv = ["--shapes", "tiny", "--subjects", "2", "--only", "--json", str(out), "--files", "flops.log"]
+    assert flops.main(argv + sum(extra, [])) == 0
     record = json.loads(out.read_text())
+    assert record["files"] == ["flops.log"] and "files" not in record["settings"]   # the run's log, listed
     rows = record["payload"]["tiny"]["rows"]
     assert record["command"].startswith("python bench/flops.py --shapes tiny")      # a results record
     assert len(rows) == len(cases)

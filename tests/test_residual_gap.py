@@ -62,3 +62,18 @@ def test_different_or_overlapping_seeds_are_refused_in_one_line(tmp_path):
     run = _gap("--fast", fast, again, "--paper-exact", later)
     assert run.returncode != 0 and "overlap" in run.stderr and "Traceback" not in run.stderr
 
+
+
+def test_one_record_pools_against_the_same_seeds_split_in_several(tmp_path):
+    """Seeds 0-19 in one fast record and in two paper-exact records (0-9, 10-19) are the same seeds."""
+    fast = _record(tmp_path / "f.json", 0, 20, 1.0, 1.0, 1.0)
+    paper = [_record(tmp_path / "p0.json", 0, 10, 1.0, 1.0, 0.5), _record(tmp_path / "p1.json", 10, 10, 1.0, 1.0, 1.0)]
+    out = tmp_path / "gap.json"
+    run = _gap("--fast", fast, "--paper-exact", *paper, "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())["payload"]
+    assert result["seeds"] == [[0, 19]]
+    demo = {r["figure"]: r for r in result["rows"]}["make demo"]
+    assert demo["fast"] == [20, 20] and demo["paper_exact"] == [15, 20]
+    gapped = _gap("--fast", fast, "--paper-exact", paper[0], _record(tmp_path / "p2.json", 11, 9, 1.0, 1.0, 1.0))
+    assert gapped.returncode != 0 and "ran different seeds" in gapped.stderr      # seed 10 missing

@@ -19,7 +19,7 @@ from cones2.reuse import FULL, SHALLOW, ReusingRunner, StepPlan
 PROMPT = "a dog and a mug on the beach"
 LAYOUT = {"dog": (0.05, 0.3, 0.5, 0.95), "mug": (0.55, 0.4, 0.95, 0.95)}
 # guided CFG pairs, the CFG pass that records the cross-attention, a conditional-only tail with full and
-# shallow passes (the defaults have no tail since issue 24's residual judgement)
+# shallow passes (the defaults' tail is one full step since issue 24's residual judgement)
 EVERY_PASS_KIND = dict(steps=10, guidance_steps=4, gate_step=5, cache_interval=2)
 
 

@@ -352,6 +352,17 @@ def evaluate_residuals(source, engine, args: "Settings", templates_dir: Path) ->
     return results
 
 
+def exact_rates(residuals: dict) -> dict[str, float]:
+    """The seven exact-instance rates with the residuals, by name, from `evaluate_residuals`' result:
+    "alone <instance>", "composed <a>+<b>" (both exact), "make demo" (both residual instances exact).
+    The figures issue 24's residual bound is judged on (bench/residual_gap.py, bench/fast_quality.py)."""
+    out = {f"alone {n}": residuals[n]["with"]["exact"] for n in INSTANCES if n in residuals}
+    out.update({f"composed {pair}": c["with"]["both"] for pair, c in residuals["composition"].items()})
+    if "demo" in residuals:
+        out["make demo"] = residuals["demo"]["with"]["both"]
+    return out
+
+
 def residual_seeds(args: "Settings") -> range:
     """Residual prompt i is sampled with seed i (and background i mod 8): first_residual_prompt onwards."""
     return range(args.first_residual_prompt, args.first_residual_prompt + args.residual_prompts)

@@ -20,9 +20,9 @@ MODES = mode_names()   # re-exported: the table is `cones2.modes`
 class SamplingConfig:
     """How to sample one image. Every number is checked to be finite and in its range:
 
-    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 10 fast).
+    steps: sampling steps N, in [1, 1000] (None = the mode's default: 50 paper-exact, 11 fast).
     guidance_steps: G, steps that use layout guidance and self-recurrence (None = the mode's default:
-    all steps paper-exact, the first 30% fast; values above `steps` are clamped to `steps`, as the
+    all steps paper-exact, the first 27% fast; values above `steps` are clamped to `steps`, as the
     reference does). guidance_weight: g of SPEC 3, in [0, 10] (default 0.08). cfg_scale: classifier-free
     guidance scale, in [0, 100] (default 7.5). negative_weight: w- outside each subject's region,
     in [-1e9, 0] (default -1e8; any value <= -1e4 acts as a hard mask). height/width: output pixels,

@@ -28,7 +28,8 @@ from cones2_train.demo_world.world import INSTANCES
 
 MODEL = "engine/cones2/data/demo_model"
 # each family varies one knob around 10 steps, 4 guided, gate 5, interval 2 (the defaults until issue 24's
-# residual judgements moved them to 10/3/10/2, then 11/3/10/2, docs/speed.md); steps keep those shares (33% guided, gate 50%)
+# residual judgements moved them to 10/3/10/2, then 11/3/10/2, docs/speed.md); steps keep those shares
+# (33% guided, gate 50%)
 FAMILIES = {
     "steps": ["8/3/4/2", "10/4/5/2", "12/4/6/2", "16/6/8/2"],
     "gate step": ["10/4/4/2", "10/4/5/2", "10/4/7/2", "10/4/10/2"],

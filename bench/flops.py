@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="store_true", help="only the --setting rows (not the standard ones)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--files", nargs="+", default=[], metavar="NAME",
-                   help="other files of this run (its log, uptime), relative to the record's folder: the record lists them")
+                   help="other files of this run (its log, uptime), relative to the record's folder; "
+                        "the record lists them")
     args = p.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]

@@ -41,6 +41,9 @@ def pooled(paths: list[str]) -> tuple[dict[str, tuple[int, int]], list[range]]:
         for name, rate in exact_rates(record["payload"]["residuals"]).items():
             k, n = counts.get(name, (0, 0))
             counts[name] = (k + round(rate * len(span)), n + len(span))
+    partial = [name for name, (_, n) in counts.items() if n != sum(len(r) for r in ranges)]
+    if partial:
+        raise SystemExit(f"residual_gap: error: {', '.join(partial)}: not in every record of {', '.join(paths)}")
     return counts, sorted(ranges, key=lambda r: r.start)
 
 
@@ -76,6 +79,9 @@ def compare(fast: list[str], paper: list[str], bound: float) -> dict:
     if spans(franges) != spans(pranges):
         raise SystemExit("residual_gap: error: the two sides ran different seeds: "
                          f"fast {spans(franges)}, paper-exact {spans(pranges)}")
+    missing = [name for name in fc if name not in pc]
+    if missing:
+        raise SystemExit(f"residual_gap: error: the paper-exact records have no {', '.join(missing)}")
     rows = []
     for name in fc:
         (k1, n1), (k2, n2) = fc[name], pc[name]

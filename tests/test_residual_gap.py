@@ -63,7 +63,6 @@ def test_different_or_overlapping_seeds_are_refused_in_one_line(tmp_path):
     assert run.returncode != 0 and "overlap" in run.stderr and "Traceback" not in run.stderr
 
 
-
 def test_one_record_pools_against_the_same_seeds_split_in_several(tmp_path):
     """Seeds 0-19 in one fast record and in two paper-exact records (0-9, 10-19) are the same seeds."""
     fast = _record(tmp_path / "f.json", 0, 20, 1.0, 1.0, 1.0)
@@ -77,3 +76,12 @@ def test_one_record_pools_against_the_same_seeds_split_in_several(tmp_path):
     assert demo["fast"] == [20, 20] and demo["paper_exact"] == [15, 20]
     gapped = _gap("--fast", fast, "--paper-exact", paper[0], _record(tmp_path / "p2.json", 11, 9, 1.0, 1.0, 1.0))
     assert gapped.returncode != 0 and "ran different seeds" in gapped.stderr      # seed 10 missing
+    only_heart = json.loads(Path(paper[1]).read_text())
+    only_heart["payload"]["residuals"] = {"twotone_heart": {"with": {"images": 10, "exact": 1.0}}, "composition": {}}
+    Path(paper[1]).write_text(json.dumps(only_heart))                   # one instance scored (--instance)
+    partial = _gap("--fast", fast, "--paper-exact", *paper)
+    assert partial.returncode != 0 and "not in every record" in partial.stderr and "Traceback" not in partial.stderr
+    run = _gap("--fast", paper[1], "--paper-exact", _record(tmp_path / "p3.json", 10, 10, 1.0, 1.0, 1.0))
+    assert run.returncode == 0 and "alone twotone_heart" in run.stdout and "make demo" not in run.stdout
+    missing = _gap("--fast", fast, "--paper-exact", paper[1], _record(tmp_path / "p4.json", 0, 10, 1.0, 1.0, 1.0))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

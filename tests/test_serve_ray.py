@@ -247,7 +247,7 @@ def test_deadlines_and_cancelled_streams_free_the_replicas(client):
     quick = [client.generate("a mug", steps=2, width=SIZE, height=SIZE, seed=s) for s in range(4)]
     # A replica still running one of the long requests would hold the next request for most of its ~30 s
     # (longer on a loaded machine); four quick ones take 3-10 s idle and up to ~16 s beside the other
-    # pytest worker (make test runs two), so 25 s separates the two cases.
+    # pytest worker (make test runs one per core), so 25 s separates the two cases.
     assert time.monotonic() - start < 25 and max(q.timings["queue"] for q in quick) < 2
 
 
